@@ -1,0 +1,15 @@
+"""Pure forward/backward pairs. Each forward returns ``(out, cache)``; each backward takes
+``(dout, cache)`` and returns the gradient of every input and parameter. Nothing here keeps
+state, and no backward changes ``dout`` in place."""
+from .batch_norm import batch_norm, batch_norm_backward
+from .conv import col2im, conv2d, conv2d_backward, conv2d_simple, conv_output_size, im2col
+from .elementwise import add, add_backward, relu, relu_backward
+from .pool import max_pool2d, max_pool2d_backward
+from .upsample import nearest_source_index, upsample_nearest, upsample_nearest_backward
+
+__all__ = [
+    "add", "add_backward", "batch_norm", "batch_norm_backward", "col2im", "conv2d",
+    "conv2d_backward", "conv2d_simple", "conv_output_size", "im2col", "max_pool2d",
+    "max_pool2d_backward", "nearest_source_index", "relu", "relu_backward",
+    "upsample_nearest", "upsample_nearest_backward",
+]

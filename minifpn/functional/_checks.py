@@ -1,0 +1,46 @@
+"""Input checks shared by the functional ops: each failure names what was expected."""
+from __future__ import annotations
+
+from ..backend import get_array_module
+
+
+def pair(value, name: str, op: str, minimum: int) -> tuple[int, int]:
+    """Return ``(value, value)`` for an int, or the pair itself, checking each is >= ``minimum``."""
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_nchw(x, op: str, name: str = "input") -> None:
+    """Require a 4-d (N, C, H, W) floating-point array."""
+    if not hasattr(x, "ndim") or x.ndim != 4:
+        shape = getattr(x, "shape", type(x).__name__)
+        raise ValueError(f"{op}: expected {name} of shape (N, C, H, W) (4 dims), got shape {shape}")
+    check_float(x, op=op, names=(name,))
+
+
+def check_float(*arrays, op: str, names: tuple[str, ...]):
+    """Require floating arrays of one dtype on one backend; return their array module."""
+    xp = get_array_module(*arrays)  # raises on a numpy/cupy mix
+    present = [(n, a) for n, a in zip(names, arrays) if a is not None]
+    for n, a in present:
+        if a.dtype.kind != "f":
+            raise TypeError(f"{op}: {n} must be a floating-point array (float32 or float64), "
+                            f"got dtype {a.dtype}")
+    dtypes = {str(a.dtype) for _, a in present}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{n}={a.dtype}" for n, a in present)
+        raise TypeError(f"{op}: all arrays must share one dtype, got {listing}; "
+                        f"cast them first, e.g. x.astype(weight.dtype)")
+    return xp
+
+
+def check_same_shape(a, b, op: str, names: tuple[str, str]) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{op}: {names[0]} and {names[1]} must have the same shape, "
+                         f"got {a.shape} and {b.shape}")

@@ -1,0 +1,74 @@
+"""Batch normalization over (N, H, W) for each channel, as ``torch.nn.functional.batch_norm``.
+
+Training mode normalizes with the batch's mean and (biased) variance and moves the running
+averages toward them; eval mode normalizes with the running averages. Derivation of the
+backward: docs/derivations.md.
+"""
+from __future__ import annotations
+
+from ..backend import get_array_module
+from ._checks import check_float, check_nchw
+
+
+def batch_norm(x, gamma, beta, running_mean, running_var, training: bool,
+               momentum: float = 0.1, eps: float = 1e-5):
+    """y = gamma * (x - mean) / sqrt(var + eps) + beta, per channel.
+
+    x: (N, C, H, W); gamma, beta, running_mean, running_var: (C,).
+    training=True: mean and var are the batch's over (N, H, W), and ``running_mean`` and
+    ``running_var`` are updated in place (as PyTorch does) with
+        running = (1 - momentum) * running + momentum * batch_statistic,
+    where the running variance takes the unbiased batch variance (divided by M - 1, M = N*H*W).
+    training=False: mean and var are the running averages.
+    Returns y: (N, C, H, W) and a cache for ``batch_norm_backward``.
+    """
+    check_nchw(x, "batch_norm")
+    check_float(x, gamma, beta, running_mean, running_var, op="batch_norm",
+                names=("input", "weight", "bias", "running_mean", "running_var"))
+    C = x.shape[1]
+    for name, a in (("weight", gamma), ("bias", beta), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if a is not None and tuple(a.shape) != (C,):
+            raise ValueError(f"batch_norm: input has {C} channels, expected {name} of shape "
+                             f"({C},), got {tuple(a.shape)}")
+    xp = get_array_module(x)
+    M = x.shape[0] * x.shape[2] * x.shape[3]
+    if training:
+        if M < 2:
+            raise ValueError(f"batch_norm: training needs more than one value per channel, "
+                             f"got input of shape {x.shape}")
+        mean = x.mean(axis=(0, 2, 3))
+        var = ((x - mean.reshape(1, C, 1, 1)) ** 2).mean(axis=(0, 2, 3))
+        if running_mean is not None:
+            running_mean *= 1 - momentum
+            running_mean += momentum * mean
+            running_var *= 1 - momentum
+            running_var += momentum * var * (M / (M - 1))
+    else:
+        mean, var = running_mean, running_var
+    inv_std = 1 / xp.sqrt(var + eps)
+    x_hat = (x - mean.reshape(1, C, 1, 1)) * inv_std.reshape(1, C, 1, 1)
+    y = x_hat * gamma.reshape(1, C, 1, 1) + beta.reshape(1, C, 1, 1)
+    return y, (x_hat, inv_std, gamma, training)
+
+
+def batch_norm_backward(dout, cache):
+    """Gradients of ``batch_norm``.
+
+    dout: (N, C, H, W) -> dx: (N, C, H, W), dgamma: (C,), dbeta: (C,).
+    In training mode the mean and variance depend on x, which adds two correction terms:
+        dx = inv_std / M * (M * g - sum(g) - x_hat * sum(g * x_hat)),  g = dout * gamma
+    (sums over N, H, W). In eval mode they are constants: dx = dout * gamma * inv_std.
+    """
+    x_hat, inv_std, gamma, training = cache
+    N, C, H, W = dout.shape
+    M = N * H * W
+    dbeta = dout.sum(axis=(0, 2, 3))
+    dgamma = (dout * x_hat).sum(axis=(0, 2, 3))
+    g = dout * gamma.reshape(1, C, 1, 1)
+    if not training:
+        return g * inv_std.reshape(1, C, 1, 1), dgamma, dbeta
+    g_sum = g.sum(axis=(0, 2, 3)).reshape(1, C, 1, 1)
+    gx_sum = (g * x_hat).sum(axis=(0, 2, 3)).reshape(1, C, 1, 1)
+    dx = (inv_std / M).reshape(1, C, 1, 1) * (M * g - g_sum - x_hat * gx_sum)
+    return dx, dgamma, dbeta

@@ -1,0 +1,67 @@
+"""2-d max pooling, as ``torch.nn.functional.max_pool2d`` (floor mode, padding with -inf).
+
+With ``kernel_size=1, stride=2`` it is the plain subsampling that makes the FPN's P6 from P5.
+Shapes use the glossary of ``conv.py``.
+"""
+from __future__ import annotations
+
+from ..backend import get_array_module
+from ._checks import check_nchw, pair
+from .conv import _window, conv_output_size, pad2d
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    """Max over each KH x KW window of ``x``.
+
+    x: (N, C, H, W) -> out: (N, C, OH, OW), OH = (H + 2*PH - KH) // SH + 1 (likewise OW);
+    ``stride`` defaults to ``kernel_size``. Returns out and a cache for ``max_pool2d_backward``.
+    The window is scanned one kernel offset at a time; where two entries tie, the first one
+    in scan order wins (PyTorch's rule), and it alone receives the gradient.
+    """
+    KH, KW = pair(kernel_size, "kernel_size", "max_pool2d", 1)
+    SH, SW = pair(kernel_size if stride is None else stride, "stride", "max_pool2d", 1)
+    PH, PW = pair(padding, "padding", "max_pool2d", 0)
+    check_nchw(x, "max_pool2d")
+    if PH > KH // 2 or PW > KW // 2:
+        raise ValueError(f"max_pool2d: padding ({PH}, {PW}) must be at most half the kernel "
+                         f"({KH}, {KW}), as in PyTorch")
+    N, C, H, W = x.shape
+    if KH > H + 2 * PH or KW > W + 2 * PW:
+        raise ValueError(f"max_pool2d: kernel {KH}x{KW} is larger than the padded input "
+                         f"{H + 2 * PH}x{W + 2 * PW}")
+    xp = get_array_module(x)
+    OH = conv_output_size(H, KH, SH, PH)
+    OW = conv_output_size(W, KW, SW, PW)
+    x_padded = pad2d(x, (PH, PW), value=-xp.inf)
+    out = None
+    argmax = xp.zeros((N, C, OH, OW), dtype=xp.int32)  # which kernel offset won, as i*KW + j
+    for i in range(KH):
+        for j in range(KW):
+            window = x_padded[:, :, _window(i, SH, OH), _window(j, SW, OW)]
+            if out is None:
+                out = window.copy()
+                continue
+            better = window > out  # strict: an earlier offset keeps a tie
+            out = xp.where(better, window, out)
+            argmax = xp.where(better, i * KW + j, argmax).astype(xp.int32, copy=False)
+    cache = (x.shape, argmax, (KH, KW), (SH, SW), (PH, PW))
+    return out, cache
+
+
+def max_pool2d_backward(dout, cache):
+    """Gradient of ``max_pool2d``: each window's gradient goes to the entry that won it.
+
+    dout: (N, C, OH, OW) -> dx: (N, C, H, W). Overlapping windows add their gradients.
+    """
+    x_shape, argmax, (KH, KW), (SH, SW), (PH, PW) = cache
+    xp = get_array_module(dout)
+    N, C, H, W = x_shape
+    OH, OW = dout.shape[2], dout.shape[3]
+    dx_padded = xp.zeros((N, C, H + 2 * PH, W + 2 * PW), dtype=dout.dtype)
+    for i in range(KH):
+        for j in range(KW):
+            won = argmax == i * KW + j
+            dx_padded[:, :, _window(i, SH, OH), _window(j, SW, OW)] += xp.where(won, dout, 0)
+    if PH == 0 and PW == 0:
+        return dx_padded
+    return xp.ascontiguousarray(dx_padded[:, :, PH:PH + H, PW:PW + W])

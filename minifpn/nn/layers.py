@@ -1,0 +1,128 @@
+"""Layers: thin Modules around the functional pairs. Each ``forward`` keeps its cache for the
+next ``backward``; each ``backward`` adds parameter gradients and returns the input gradient."""
+from __future__ import annotations
+
+from .. import functional as F
+from ..backend import DEFAULT_DTYPE, default_rng, get_backend
+from . import init
+from .module import Module, Parameter
+
+
+class Conv2d(Module):
+    """Convolution layer. x: (N, in_channels, H, W) -> (N, out_channels, OH, OW).
+
+    weight: (out_channels, in_channels, KH, KW), kaiming-uniform (a=1); bias: (out_channels,), zero.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 dtype=DEFAULT_DTYPE, rng=None):
+        super().__init__()
+        KH, KW = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = (KH, KW), stride, padding
+        xp = get_backend("numpy")
+        self.weight = Parameter(xp.zeros((out_channels, in_channels, KH, KW), dtype=dtype))
+        init.kaiming_uniform_(self.weight, a=1.0, rng=default_rng() if rng is None else rng)
+        self.bias = Parameter(xp.zeros((out_channels,), dtype=dtype)) if bias else None
+        self.cache = None
+
+    def forward(self, x):
+        bias = self.bias.data if self.bias is not None else None
+        out, self.cache = F.conv2d(x, self.weight.data, bias, self.stride, self.padding)
+        return out
+
+    def backward(self, dout):
+        dx, dweight, dbias = F.conv2d_backward(dout, self.cache)
+        self.weight.grad += dweight
+        if self.bias is not None:
+            self.bias.grad += dbias
+        return dx
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+
+
+class BatchNorm2d(Module):
+    """Batch normalization per channel. x: (N, num_features, H, W) -> same shape.
+
+    weight (gamma) ones, bias (beta) zeros; buffers running_mean, running_var,
+    num_batches_tracked, as in PyTorch (so torchvision weights load by name).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        xp = get_backend("numpy")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = Parameter(xp.ones((num_features,), dtype=dtype))
+        self.bias = Parameter(xp.zeros((num_features,), dtype=dtype))
+        self.register_buffer("running_mean", xp.zeros((num_features,), dtype=dtype))
+        self.register_buffer("running_var", xp.ones((num_features,), dtype=dtype))
+        self.register_buffer("num_batches_tracked", xp.zeros((), dtype=xp.int64))
+        self.cache = None
+
+    def forward(self, x):
+        out, self.cache = F.batch_norm(x, self.weight.data, self.bias.data, self.running_mean,
+                                       self.running_var, self.training, self.momentum, self.eps)
+        if self.training:
+            self.num_batches_tracked = self.num_batches_tracked + 1
+        return out
+
+    def backward(self, dout):
+        dx, dgamma, dbeta = F.batch_norm_backward(dout, self.cache)
+        self.weight.grad += dgamma
+        self.bias.grad += dbeta
+        return dx
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class ReLU(Module):
+    """max(x, 0), element-wise; any shape."""
+
+    def forward(self, x):
+        out, self.cache = F.relu(x)
+        return out
+
+    def backward(self, dout):
+        return F.relu_backward(dout, self.cache)
+
+
+class MaxPool2d(Module):
+    """Max pooling. x: (N, C, H, W) -> (N, C, OH, OW), OH = (H + 2*padding - kernel) // stride + 1."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def forward(self, x):
+        out, self.cache = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        return out
+
+    def backward(self, dout):
+        return F.max_pool2d_backward(dout, self.cache)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class Upsample(Module):
+    """Nearest upsampling. x: (N, C, H, W) -> (N, C, OH, OW), where (OH, OW) is the ``size`` given
+    to ``forward`` (the FPN passes the lateral map's size) or else ``scale_factor`` * (H, W)."""
+
+    def __init__(self, scale_factor: int = 2):
+        super().__init__()
+        self.scale_factor = scale_factor
+
+    def forward(self, x, size=None):
+        if size is None:
+            size = (x.shape[2] * self.scale_factor, x.shape[3] * self.scale_factor)
+        out, self.cache = F.upsample_nearest(x, size)
+        return out
+
+    def backward(self, dout):
+        return F.upsample_nearest_backward(dout, self.cache)
+
+    def extra_repr(self):
+        return f"scale_factor={self.scale_factor}, mode='nearest'"
