@@ -137,13 +137,15 @@ def check_module(name: str, shape: str, module, x, tol: float = 1e-6, seed: int 
     return check(name, shape, forward, backward, inputs, tol=tol, seed=seed)
 
 
-def _distinct(rng, shape, xp, spacing=0.01):
-    """Values at least ``spacing`` apart and away from 0, so max and ReLU have no kink within h."""
+def distinct_values(rng, shape, spacing: float = 0.01):
+    """Host float64 values at least ``spacing`` apart and at least ``spacing`` away from 0, in a
+    random order: no max-pool tie and no ReLU kink lies within a step h << spacing."""
     n = 1
     for s in shape:
         n *= s
-    values = (rng.permutation(n) - n / 2 + 0.5) * spacing
-    return to_device(values.reshape(shape), "numpy" if xp is np else "cupy")
+    order = rng.permutation(n)
+    magnitude = (order // 2 + 1) * spacing
+    return (magnitude * np.where(order % 2 == 0, 1.0, -1.0)).reshape(shape)
 
 
 def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
@@ -151,7 +153,7 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
     from . import functional as F
     from . import nn
 
-    xp = get_backend(backend)
+    get_backend(backend)  # raises a clear error if the backend cannot be used
     rng = default_rng(seed)
 
     def randn(*shape):
@@ -184,7 +186,7 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
 
         results.append(check("max_pool2d", f"{shape} k{K} s{S} p{P}", pool_forward,
                              lambda d: {"x": F.max_pool2d_backward(d, state["cache"])},
-                             {"x": _distinct(rng, shape, xp)}))
+                             {"x": to_device(distinct_values(rng, shape), backend)}))
     for (shape, size) in [((2, 3, 4, 5), (8, 10)), ((1, 2, 4, 3), (7, 5)), ((1, 2, 5, 6), (3, 4))]:
         state = {}
 
@@ -220,7 +222,7 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
 
     results.append(check("relu", "(2, 3, 4, 5)", relu_forward,
                          lambda d: {"x": F.relu_backward(d, state["cache"])},
-                         {"x": _distinct(rng, (2, 3, 4, 5), xp)}))
+                         {"x": to_device(distinct_values(rng, (2, 3, 4, 5)), backend)}))
 
     def add_backward(dout):
         da, db = F.add_backward(dout)
@@ -233,8 +235,9 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
         ("Conv2d", "(2, 3, 7, 6) k3 s2 p1", nn.Conv2d(3, 4, 3, 2, 1, rng=rng), randn(2, 3, 7, 6)),
         ("Conv2d 1x1", "(2, 5, 4, 4)", nn.Conv2d(5, 3, 1, rng=rng), randn(2, 5, 4, 4)),
         ("BatchNorm2d", "(3, 4, 3, 5)", nn.BatchNorm2d(4), randn(3, 4, 3, 5)),
-        ("ReLU", "(2, 3, 4, 4)", nn.ReLU(), _distinct(rng, (2, 3, 4, 4), xp)),
-        ("MaxPool2d", "(2, 3, 7, 7) k3 s2 p1", nn.MaxPool2d(3, 2, 1), _distinct(rng, (2, 3, 7, 7), xp)),
+        ("ReLU", "(2, 3, 4, 4)", nn.ReLU(), to_device(distinct_values(rng, (2, 3, 4, 4)), backend)),
+        ("MaxPool2d", "(2, 3, 7, 7) k3 s2 p1", nn.MaxPool2d(3, 2, 1),
+         to_device(distinct_values(rng, (2, 3, 7, 7)), backend)),
         ("Upsample", "(2, 3, 3, 4) x2", nn.Upsample(2), randn(2, 3, 3, 4)),
         ("Sequential", "conv-bn-relu (2, 3, 6, 6)",
          nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1, bias=False, rng=rng), nn.BatchNorm2d(4), nn.ReLU()),

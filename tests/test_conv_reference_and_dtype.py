@@ -3,11 +3,11 @@ import importlib
 
 import numpy as np
 import pytest
+from sweeps import CONV_CASES
 
 import minifpn.functional as F
 from minifpn import backend as B
 from minifpn.backend import to_device, to_numpy
-from sweeps import CONV_CASES
 
 
 @pytest.mark.parametrize("N,C,H,W,OC,k,s,p,bias", CONV_CASES)

@@ -11,7 +11,8 @@ def f32(*shape):
 
 
 def test_wrong_ndim():
-    with pytest.raises(ValueError, match=r"conv2d: expected input of shape \(N, C, H, W\).*got shape \(3, 8, 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"conv2d: expected input of shape \(N, C, H, W\).*got shape \(3, 8, 8\)"):
         F.conv2d(f32(3, 8, 8), f32(4, 3, 3, 3))
     with pytest.raises(ValueError, match=r"expected weight of shape \(OC, IC, KH, KW\)"):
         F.conv2d(f32(1, 3, 8, 8), f32(4, 3, 3))
@@ -28,7 +29,8 @@ def test_input_channels_must_match_the_weight():
         F.conv2d(f32(1, 5, 8, 8), f32(4, 3, 3, 3))
     with pytest.raises(ValueError, match=r"input has 5 channels but weight"):
         nn.Conv2d(3, 4, 3)(f32(1, 5, 8, 8))
-    with pytest.raises(ValueError, match=r"batch_norm: input has 4 channels, expected weight of shape \(4,\)"):
+    with pytest.raises(ValueError,
+                       match=r"batch_norm: input has 4 channels, expected weight of shape \(4,\)"):
         F.batch_norm(f32(2, 4, 3, 3), f32(3), f32(3), f32(3), f32(3), True)
     with pytest.raises(ValueError, match=r"expected bias of shape \(OC,\) = \(4,\)"):
         F.conv2d(f32(1, 3, 8, 8), f32(4, 3, 3, 3), f32(5))
@@ -58,7 +60,8 @@ def test_negative_padding_and_bad_pool_padding():
 
 
 def test_mixed_dtypes():
-    with pytest.raises(TypeError, match=r"conv2d: all arrays must share one dtype, got input=float32, weight=float64"):
+    with pytest.raises(TypeError,
+                       match=r"conv2d: all arrays must share one dtype, got input=float32, weight=float64"):
         F.conv2d(f32(1, 3, 8, 8), np.zeros((4, 3, 3, 3)))
     with pytest.raises(TypeError, match=r"add: all arrays must share one dtype"):
         F.add(f32(2, 2), np.zeros((2, 2)))

@@ -4,18 +4,14 @@ Tolerance: max element-wise relative error < 1e-6 (minifpn.gradcheck explains th
 """
 import numpy as np
 import pytest
+from sweeps import BATCH_NORM_SHAPES, CONV_CASES, POOL_CASES, UPSAMPLE_CASES
 
 from minifpn import functional as F
-from minifpn.gradcheck import check
-from sweeps import BATCH_NORM_SHAPES, CONV_CASES, POOL_CASES, UPSAMPLE_CASES
+from minifpn.gradcheck import check, distinct_values
 
 TOL = 1e-6
 
 
-def distinct_values(rng, shape):
-    """Entries 0.01 apart and away from 0: no max or ReLU kink lies within the step h = 1e-5."""
-    n = int(np.prod(shape))
-    return ((rng.permutation(n) - n / 2 + 0.5) * 0.01).reshape(shape)
 
 
 @pytest.mark.parametrize("N,C,H,W,OC,k,s,p,bias", CONV_CASES)

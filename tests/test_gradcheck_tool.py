@@ -3,8 +3,14 @@ import numpy as np
 import pytest
 
 from minifpn import functional as F
-from minifpn.gradcheck import (check, directional_check, format_table, numerical_gradient,
-                               rel_error, standard_checks)
+from minifpn.gradcheck import (
+    check,
+    directional_check,
+    format_table,
+    numerical_gradient,
+    rel_error,
+    standard_checks,
+)
 
 
 def test_rel_error_has_a_floor():

@@ -6,14 +6,11 @@ import pytest
 
 from minifpn import nn
 from minifpn.backend import BackendError, _cupy, to_device, to_numpy
-from minifpn.gradcheck import check_module
+from minifpn.gradcheck import check_module, distinct_values
 
 TOL = 1e-6
 
 
-def distinct_values(rng, shape):
-    n = int(np.prod(shape))
-    return ((rng.permutation(n) - n / 2 + 0.5) * 0.01).reshape(shape)
 
 
 LAYERS = {
@@ -117,7 +114,8 @@ def test_load_state_dict_names_the_bad_key():
         net.load_state_dict({k: v for k, v in state.items() if k != "0.bias"})
     with pytest.raises(KeyError, match=r"unexpected keys \['2.weight'\]"):
         net.load_state_dict({**state, "2.weight": np.zeros(1)})
-    with pytest.raises(ValueError, match=r"0.weight has shape \(4, 3, 1, 1\) in the state dict but \(4, 3, 3, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"0.weight has shape \(4, 3, 1, 1\) in the state dict but \(4, 3, 3, 3\)"):
         net.load_state_dict({**state, "0.weight": np.zeros((4, 3, 1, 1), np.float32)})
 
 

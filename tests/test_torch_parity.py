@@ -2,11 +2,11 @@
 over the same sweep as the gradient checks. Skipped, with a reason, where torch is missing."""
 import numpy as np
 import pytest
+from sweeps import BATCH_NORM_SHAPES, CONV_CASES, POOL_CASES, UPSAMPLE_CASES
+from torch_helpers import assert_matches, tensor, torch
 
 from minifpn import functional as F
 from minifpn.backend import to_device, to_numpy
-from sweeps import BATCH_NORM_SHAPES, CONV_CASES, POOL_CASES, UPSAMPLE_CASES
-from torch_helpers import assert_matches, tensor, torch
 
 TF = torch.nn.functional
 DTYPES = [np.float32, np.float64]

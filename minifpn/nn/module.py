@@ -111,7 +111,7 @@ class Module:
                 a = a.astype(dtype)
             return a
         for m in self.modules():
-            for name, value in vars(m).items():
+            for value in vars(m).values():
                 if isinstance(value, Parameter):
                     value.data, value.grad = move(value.data), move(value.grad)
             for name in m._buffer_names:

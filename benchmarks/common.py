@@ -1,0 +1,68 @@
+"""Shared benchmark helpers: thread control, the BLAS report, and a robust timer."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+
+
+def setup_threads(threads: int):
+    """Pin NumPy's BLAS and PyTorch to ``threads`` threads; return (limiter, torch or None)."""
+    from threadpoolctl import threadpool_limits
+    limiter = threadpool_limits(limits=threads)
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+    return limiter, torch
+
+
+def blas_report(threads: int) -> str:
+    """Which BLAS NumPy runs, with how many threads, and the OPENBLAS_CORETYPE warning."""
+    from threadpoolctl import threadpool_info
+    lines = []
+    for pool in threadpool_info():
+        if pool.get("user_api") == "blas":
+            lines.append(f"NumPy BLAS: {pool.get('internal_api')} {pool.get('version')} "
+                         f"({pool.get('architecture')}), {pool.get('num_threads')} threads")
+    if not lines:
+        lines.append("NumPy BLAS: not reported by threadpoolctl")
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        lines.append(f"WARNING: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set; "
+                     "OpenBLAS then runs at about half speed on these machines. Unset it for "
+                     "a benchmark run: `env -u OPENBLAS_CORETYPE python benchmarks/...`.")
+    lines.append(f"threads: {threads} (NumPy BLAS and torch.set_num_threads)")
+    return "\n".join(lines)
+
+
+def timeit(fn, repeats: int = 5, warmup: int = 1, min_time: float = 0.05) -> float:
+    """Median seconds of one call of ``fn``; each sample repeats fn until ``min_time`` passes."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        samples.append(elapsed / n)
+    return statistics.median(samples)
+
+
+def table(rows, header) -> str:
+    rows = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    out = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+           for r in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def rng_array(rng, shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
