@@ -15,15 +15,11 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..detection.boxes import AREA_RANGES, MEDIUM_AREA, SMALL_AREA, box_iou  # noqa: F401
+
 SPLITS = {"train": 0, "val": 1, "test": 2}
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 
-# Object-size buckets for a 128 x 128 canvas, by box area (COCO's 32^2 and 96^2 are for images
-# about 5x larger): used by the metrics, the docs and the notebooks alike.
-SMALL_AREA = 16 ** 2
-MEDIUM_AREA = 40 ** 2
-AREA_RANGES = {"all": (0, float("inf")), "small": (0, SMALL_AREA),
-               "medium": (SMALL_AREA, MEDIUM_AREA), "large": (MEDIUM_AREA, float("inf"))}
 
 
 @lru_cache(maxsize=1)
@@ -61,20 +57,6 @@ def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     top = image[r0][:, c0] * (1 - fc) + image[r0][:, c1] * fc
     bottom = image[r1][:, c0] * (1 - fc) + image[r1][:, c1] * fc
     return top * (1 - fr[:, None]) + bottom * fr[:, None]
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of boxes a (A, 4) and b (B, 4), as (x1, y1, x2, y2) -> (A, B). Host NumPy."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 @dataclass

@@ -1,0 +1,319 @@
+"""The detector: bottom-up ResNet, FPN (or one backbone map), and a head shared across levels.
+
+``setting`` switches between the rows of the paper's Table 1 (an RPN ablation there; here a
+10-digit detector, so K = 10, and K = 1 gives the paper's RPN exactly):
+    (a) "c4"          single scale: the head on C4, anchors of every size there
+    (b) "c5"          single scale: the head on C5
+    (c) "fpn"         feature pyramid: P2..P6, one anchor size per level
+    (d) "bottom_up"   bottom-up pyramid (no top-down pathway)
+    (e) "no_lateral"  top-down pyramid without lateral connections
+    (f) "p2_only"     the full pathway, but only P2, with anchors of every size
+Images must have sides that are multiples of 32 (the stride of C5): use ``pad_images``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .. import functional as F
+from ..backend import DEFAULT_DTYPE, default_rng, get_array_module, to_device, to_numpy
+from ..detection.anchors import grid_anchors, match_anchors, sample_anchors
+from ..detection.boxes import batched_nms, clip_boxes, decode, encode
+from ..nn import Module
+from .fpn import FPN
+from .head import DetectionHead
+from .resnet import ResNet
+
+SETTINGS = {
+    "c4": "(a) single-scale: head on C4",
+    "c5": "(b) single-scale: head on C5",
+    "fpn": "(c) FPN: P2..P6, one anchor size per level",
+    "bottom_up": "(d) bottom-up pyramid, no top-down pathway",
+    "no_lateral": "(e) top-down pyramid without lateral connections",
+    "p2_only": "(f) only the finest level P2, anchors of every size",
+}
+TABLE1 = {"a": "c4", "b": "c5", "c": "fpn", "d": "bottom_up", "e": "no_lateral", "f": "p2_only"}
+TOP_STRIDE = 32
+
+
+@dataclass
+class DetectorConfig:
+    """Everything that fixes a detector's shape; saved with every checkpoint."""
+
+    setting: str = "fpn"
+    num_classes: int = 10
+    in_channels: int = 1
+    widths: tuple = (16, 32, 64, 128)
+    blocks: tuple = (1, 1, 1, 1)
+    stem_kernel: int = 3
+    channels: int = 64  # d, the pyramid's (and the head's) width
+    anchor_sizes: tuple = (8, 16, 32, 64, 128)  # P2..P6, pixels (paper: 32..512 on 800 px)
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)
+    positive_iou: float = 0.7
+    negative_iou: float = 0.3
+    anchors_per_image: int = 256
+    positive_fraction: float = 0.5
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.setting = TABLE1.get(self.setting, self.setting)
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {list(SETTINGS)} or a Table 1 letter "
+                             f"{list(TABLE1)}, got {self.setting!r}")
+        self.widths, self.blocks = tuple(self.widths), tuple(self.blocks)
+        self.anchor_sizes, self.aspect_ratios = tuple(self.anchor_sizes), tuple(self.aspect_ratios)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pad_images(images, multiple: int = TOP_STRIDE):
+    """Pad (N, C, H, W) images with zeros at the bottom and right so H and W are multiples of
+    ``multiple``. Boxes (x1, y1, x2, y2) stay valid, since the top-left corner does not move."""
+    xp = get_array_module(images)
+    N, C, H, W = images.shape
+    H2, W2 = -(-H // multiple) * multiple, -(-W // multiple) * multiple
+    out = xp.zeros((N, C, H2, W2), dtype=images.dtype)
+    out[:, :, :H, :W] = images
+    return out
+
+
+class Detector(Module):
+    """Backbone + (FPN) + shared head. ``loss(images, boxes, labels)`` then ``backward()``
+    trains it; ``predict(images)`` returns boxes, scores and labels per image."""
+
+    def __init__(self, config: DetectorConfig | None = None, dtype=DEFAULT_DTYPE, **overrides):
+        super().__init__()
+        config = config or DetectorConfig(**overrides)
+        self.config = config
+        c = config
+        self.backbone = ResNet(c.widths, c.blocks, c.in_channels, c.stem_kernel, dtype, c.seed)
+        all_sizes = list(c.anchor_sizes)
+        if c.setting in ("c4", "c5"):
+            level = 4 if c.setting == "c4" else 5
+            self.levels = [(f"C{level}", 2 ** level, all_sizes)]
+            head_in = c.widths[level - 2]
+        else:
+            extra = None if c.setting == "p2_only" else "maxpool"
+            self.fpn = FPN(list(c.widths), c.channels, extra_block=extra, variant=c.setting,
+                           dtype=dtype, seed=c.seed + 1)
+            if c.setting == "p2_only":
+                self.levels = [("P2", 4, all_sizes)]
+            else:
+                self.levels = [(name, stride, [size]) for name, stride, size in
+                               zip(self.fpn.output_names, self.fpn.strides, all_sizes)]
+            head_in = c.channels
+        self.num_anchors = len(self.levels[0][2]) * len(c.aspect_ratios)
+        self.head = DetectionHead(head_in, c.channels, self.num_anchors, c.num_classes, dtype,
+                                  c.seed + 2)
+        self._anchor_cache = {}
+
+    # ---- features: the part of the network that differs between settings --------------
+    def features(self, images):
+        """images (N, in_channels, H, W) -> the maps the head runs on, finest first."""
+        c2_to_c5 = self.backbone(images)
+        if self.config.setting == "c4":
+            return [c2_to_c5[2]]
+        if self.config.setting == "c5":
+            return [c2_to_c5[3]]
+        return self.fpn(c2_to_c5)
+
+    def features_backward(self, d_maps):
+        """Gradients of the head's input maps -> gradient of the images."""
+        if self.config.setting == "c4":
+            return self.backbone.backward([None, None, d_maps[0], None])
+        if self.config.setting == "c5":
+            return self.backbone.backward([None, None, None, d_maps[0]])
+        return self.backbone.backward(self.fpn.backward(d_maps))
+
+    def anchors(self, map_sizes) -> list[np.ndarray]:
+        """Host anchors per level, (H_l * W_l * A, 4) each, for maps of ``map_sizes``."""
+        key = tuple(map_sizes)
+        if key not in self._anchor_cache:
+            self._anchor_cache[key] = [
+                grid_anchors(h, w, stride, sizes, self.config.aspect_ratios)
+                for (h, w), (_, stride, sizes) in zip(map_sizes, self.levels)]
+        return self._anchor_cache[key]
+
+    def _head_outputs(self, images):
+        """Run everything up to the head; flatten its outputs to one row per anchor.
+        Returns logits (N, T, K+1), deltas (N, T, 4), per-level anchors, per-level sizes."""
+        self._check_images(images)
+        maps = self.features(images)
+        logits_l, deltas_l = self.head(maps)
+        sizes = [m.shape[2:] for m in maps]
+        xp = get_array_module(images)
+        K1 = self.config.num_classes + 1
+        logits = xp.concatenate([_flatten(x, K1) for x in logits_l], axis=1)
+        deltas = xp.concatenate([_flatten(x, 4) for x in deltas_l], axis=1)
+        return logits, deltas, self.anchors(sizes), sizes
+
+    # ---- training -------------------------------------------------------------------------
+    def loss(self, images, boxes, labels, rng=None):
+        """Loss on a batch: images (N, C, H, W); boxes: list of (K_n, 4) (x1, y1, x2, y2);
+        labels: list of (K_n,) ints in [0, num_classes). Returns (loss, parts) as host floats.
+
+        Anchors are labelled (IoU >= 0.7 or best: object; < 0.3: background), 256 are sampled
+        per image with at most half positive, and
+            loss = sum CE(sampled) / n_sampled + sum SmoothL1(positive deltas) / n_sampled.
+        """
+        rng = default_rng() if rng is None else rng
+        N, _, H, W = images.shape
+        self._check_targets(boxes, labels, N, H, W)
+        logits, deltas, anchors_l, sizes = self._head_outputs(images)
+        anchors = np.concatenate(anchors_l)
+        T = len(anchors)
+        cls_index, cls_target, box_index, box_target = [], [], [], []
+        for n in range(N):  # host-side bookkeeping: which anchors learn what
+            gt = np.asarray(boxes[n], np.float64).reshape(-1, 4)
+            match, matched = match_anchors(anchors, gt, self.config.positive_iou,
+                                           self.config.negative_iou)
+            sampled = sample_anchors(match, rng, self.config.anchors_per_image,
+                                     self.config.positive_fraction)
+            positive = sampled[match[sampled] == 1]
+            target = np.zeros(len(sampled), np.int64)
+            is_pos = match[sampled] == 1
+            target[is_pos] = 1 + np.asarray(labels[n], np.int64)[matched[sampled[is_pos]]]
+            cls_index.append(n * T + sampled)
+            cls_target.append(target)
+            box_index.append(n * T + positive)
+            box_target.append(encode(gt[matched[positive]], anchors[positive]))
+        backend = "cupy" if get_array_module(images) is not np else "numpy"
+        cls_index = to_device(np.concatenate(cls_index), backend)
+        box_index = to_device(np.concatenate(box_index), backend)
+        cls_target = to_device(np.concatenate(cls_target), backend)
+        box_target = to_device(np.concatenate(box_target).astype(images.dtype), backend)
+        n_sampled = max(int(cls_index.shape[0]), 1)
+
+        K1 = self.config.num_classes + 1
+        loss_cls, cls_cache = F.softmax_cross_entropy(logits.reshape(-1, K1)[cls_index],
+                                                      cls_target, n_sampled)
+        loss_box, box_cache = F.smooth_l1(deltas.reshape(-1, 4)[box_index], box_target,
+                                          normalizer=n_sampled)
+        self._loss_cache = (logits.shape, deltas.shape, cls_index, box_index, cls_cache,
+                            box_cache, sizes)
+        parts = {"cls": float(loss_cls), "box": float(loss_box)}
+        return parts["cls"] + parts["box"], parts
+
+    def backward(self):
+        """Backpropagate the last ``loss`` into every parameter's ``.grad``; returns d images."""
+        logits_shape, deltas_shape, cls_index, box_index, cls_cache, box_cache, sizes = \
+            self._loss_cache
+        xp = get_array_module(cls_index)
+        dtype = self.head.conv.weight.data.dtype
+        d_logits = xp.zeros((logits_shape[0] * logits_shape[1], logits_shape[2]), dtype=dtype)
+        d_logits[cls_index] = F.softmax_cross_entropy_backward(1.0, cls_cache)  # unique rows
+        d_deltas = xp.zeros((deltas_shape[0] * deltas_shape[1], 4), dtype=dtype)
+        d_deltas[box_index] = F.smooth_l1_backward(1.0, box_cache)
+        d_logits = d_logits.reshape(logits_shape)
+        d_deltas = d_deltas.reshape(deltas_shape)
+        d_logits_l, d_deltas_l = [], []
+        start = 0
+        for (h, w) in sizes:  # undo the flattening, level by level
+            end = start + h * w * self.num_anchors
+            d_logits_l.append(_unflatten(d_logits[:, start:end], h, w))
+            d_deltas_l.append(_unflatten(d_deltas[:, start:end], h, w))
+            start = end
+        return self.features_backward(self.head.backward(d_logits_l, d_deltas_l))
+
+    # ---- inference --------------------------------------------------------------------------
+    def predict(self, images, score_threshold: float = 0.05, nms_iou: float = 0.5,
+                top_k: int = 1000, max_detections: int = 100):
+        """Detections per image: a list of dicts with boxes (D, 4) float32, scores (D,),
+        labels (D,) int64 (digits 0..9). Per level, the top_k (anchor, class) pairs above
+        score_threshold are decoded and clipped; then NMS per class and the best
+        max_detections. The score of class k is softmax p(k); with K = 1 this is the RPN's
+        objectness, 1 - p(background)."""
+        was_training = self.training
+        self.eval()
+        try:
+            logits, deltas, anchors_l, sizes = self._head_outputs(images)
+        finally:
+            self.train(was_training)
+        xp = get_array_module(logits)
+        shifted = logits - logits.max(axis=2, keepdims=True)
+        probs = xp.exp(shifted)
+        probs /= probs.sum(axis=2, keepdims=True)
+        probs, deltas = to_numpy(probs), to_numpy(deltas)
+        H, W = images.shape[2:]
+        K = self.config.num_classes
+        results = []
+        for n in range(images.shape[0]):
+            all_boxes, all_scores, all_labels = [], [], []
+            start = 0
+            for anchors in anchors_l:
+                end = start + len(anchors)
+                scores = probs[n, start:end, 1:].ravel()  # (anchors * K,), background dropped
+                candidates = np.flatnonzero(scores > score_threshold)
+                if len(candidates) > top_k:
+                    best = np.argpartition(-scores[candidates], top_k - 1)[:top_k]
+                    candidates = candidates[best]
+                anchor_idx, label = candidates // K, candidates % K
+                boxes = clip_boxes(decode(deltas[n, start + anchor_idx], anchors[anchor_idx]), H, W)
+                all_boxes.append(boxes)
+                all_scores.append(scores[candidates])
+                all_labels.append(label)
+                start = end
+            boxes = np.concatenate(all_boxes)
+            scores = np.concatenate(all_scores)
+            labels = np.concatenate(all_labels).astype(np.int64)
+            wide = ((boxes[:, 2] - boxes[:, 0]) > 0.5) & ((boxes[:, 3] - boxes[:, 1]) > 0.5)
+            boxes, scores, labels = boxes[wide], scores[wide], labels[wide]
+            keep = batched_nms(boxes, scores, labels, nms_iou)[:max_detections]
+            results.append({"boxes": boxes[keep].astype(np.float32), "scores": scores[keep],
+                            "labels": labels[keep]})
+        return results
+
+    # ---- input checks -------------------------------------------------------------------------
+    def _check_images(self, images):
+        c = self.config.in_channels
+        if getattr(images, "ndim", None) != 4 or images.shape[1] != c:
+            raise ValueError(f"Detector: expected images of shape (N, {c}, H, W), "
+                             f"got {getattr(images, 'shape', type(images).__name__)}")
+        H, W = images.shape[2:]
+        if H % TOP_STRIDE or W % TOP_STRIDE:
+            raise ValueError(f"Detector: image sides must be multiples of {TOP_STRIDE} (the stride "
+                             f"of C5), got {H}x{W}; pad them with minifpn.models.detector."
+                             f"pad_images(images), which adds zeros at the bottom and right")
+
+    def _check_targets(self, boxes, labels, N, H, W):
+        if len(boxes) != N or len(labels) != N:
+            raise ValueError(f"Detector.loss: expected boxes and labels for each of the {N} "
+                             f"images, got {len(boxes)} and {len(labels)}")
+        for n in range(N):
+            b = np.asarray(boxes[n], np.float64).reshape(-1, 4)
+            lab = np.asarray(labels[n]).reshape(-1)
+            if len(b) != len(lab):
+                raise ValueError(f"Detector.loss: image {n} has {len(b)} boxes but "
+                                 f"{len(lab)} labels")
+            if not np.isfinite(b).all():
+                raise ValueError(f"Detector.loss: image {n} has a non-finite box")
+            outside = (b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > W) | (b[:, 3] > H)
+            if outside.any():
+                i = int(np.flatnonzero(outside)[0])
+                raise ValueError(f"Detector.loss: box {i} of image {n}, {b[i].tolist()}, lies "
+                                 f"outside the {W}x{H} image; boxes are (x1, y1, x2, y2) with "
+                                 f"0 <= x1 < x2 <= {W} and 0 <= y1 < y2 <= {H}")
+            empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+            if empty.any():
+                i = int(np.flatnonzero(empty)[0])
+                raise ValueError(f"Detector.loss: box {i} of image {n}, {b[i].tolist()}, has zero "
+                                 f"area; expected x1 < x2 and y1 < y2")
+            if len(lab) and (lab.min() < 0 or lab.max() >= self.config.num_classes):
+                raise ValueError(f"Detector.loss: labels of image {n} must lie in "
+                                 f"[0, {self.config.num_classes}), got {lab.tolist()}")
+
+
+def _flatten(x, per_anchor: int):
+    """(N, A * per_anchor, H, W) -> (N, H * W * A, per_anchor), rows in (y, x, anchor) order."""
+    N, _, H, W = x.shape
+    return x.transpose(0, 2, 3, 1).reshape(N, -1, per_anchor)
+
+
+def _unflatten(d, H: int, W: int):
+    """The inverse of ``_flatten`` for gradients: (N, H * W * A, per_anchor) -> (N, A * per_anchor, H, W)."""
+    xp = get_array_module(d)
+    N = d.shape[0]
+    return xp.ascontiguousarray(d.reshape(N, H, W, -1).transpose(0, 3, 1, 2))
