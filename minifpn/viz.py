@@ -62,14 +62,17 @@ def plot_pyramid(traced: dict, mode: str = "mean", sample: int = 0, title: str |
     return fig
 
 
-def show_image_with_boxes(ax, image, boxes=(), labels=(), color="lime", scores=None):
-    """Draw a (C, H, W) or (H, W) image with boxes (x1, y1, x2, y2) and their labels."""
+def show_image_with_boxes(ax, image, boxes=(), labels=(), color="lime", scores=None,
+                          draw_image=True):
+    """Draw a (C, H, W) or (H, W) image with boxes (x1, y1, x2, y2) and their labels
+    (and scores); ``draw_image=False`` adds boxes to what is already drawn."""
     import matplotlib.patches as patches
 
-    image = to_numpy(image)
-    if image.ndim == 3:
-        image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-    ax.imshow(image, cmap="gray", interpolation="nearest")
+    if draw_image:
+        image = to_numpy(image)
+        if image.ndim == 3:
+            image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+        ax.imshow(image, cmap="gray", interpolation="nearest")
     boxes = to_numpy(np.asarray(boxes)).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
     for i, (x1, y1, x2, y2) in enumerate(boxes):
         ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color, lw=1))
@@ -81,3 +84,46 @@ def show_image_with_boxes(ax, image, boxes=(), labels=(), color="lime", scores=N
     ax.set_xticks([])
     ax.set_yticks([])
     return ax
+
+
+def plot_loss_curve(history: dict, title: str = "training loss"):
+    """Total, classification and box loss against iteration, with a running mean."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    it = np.asarray(history["iteration"])
+    for key, style in (("loss", "-"), ("cls", "--"), ("box", ":")):
+        values = np.asarray(history[key], np.float64)
+        window = max(1, len(values) // 50)
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(it[window - 1:], smooth, style, label=key)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_detections(images, detections, truths=None, columns: int = 4, min_score: float = 0.3):
+    """A grid of scenes: true boxes in green (if given), predictions above ``min_score`` in red
+    with their digit and score."""
+    import matplotlib.pyplot as plt
+
+    n = len(detections)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        true_boxes = truths[i]["boxes"] if truths is not None else ()
+        show_image_with_boxes(ax, images[i], true_boxes, color="lime")
+        d = detections[i]
+        keep = np.asarray(d["scores"]) >= min_score
+        show_image_with_boxes(ax, None, np.asarray(d["boxes"])[keep],
+                              np.asarray(d["labels"])[keep], color="red",
+                              scores=np.asarray(d["scores"])[keep], draw_image=False)
+    fig.tight_layout()
+    return fig

@@ -48,10 +48,9 @@ def test_fpn_matches_torchvision(image_size, extra_block, rng):
     torch.manual_seed(0)
     d = 32
     theirs = torchvision_fpn(extra_block, WIDTHS, d)
-    ours = FPN(WIDTHS, d, extra_block="maxpool" if extra_block == "maxpool" else "p6p7")
-    if extra_block == "p6p7_c5":  # P6 from C5: torchvision's use_P5 is False
-        from minifpn.models import LastLevelP6P7
-        ours.extra_blocks = LastLevelP6P7(WIDTHS[-1], d)
+    ours = FPN(WIDTHS, d, extra_block="maxpool" if extra_block == "maxpool" else "p6p7",
+               p6p7_from="c5" if extra_block == "p6p7_c5" else "p5")
+    assert extra_block != "p6p7_c5" or not ours.extra_blocks.use_P5
     ours.load_state_dict(fpn_from_torchvision(theirs.state_dict()))
     features = [rng.standard_normal((2, c, h, w)).astype(np.float32)
                 for c, (h, w) in zip(WIDTHS, pyramid_sizes(*image_size))]

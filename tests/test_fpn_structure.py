@@ -118,6 +118,7 @@ def test_trace_records_every_named_map_and_the_merge_rule(rng):
         np.testing.assert_array_equal(grads[f"topdown{k}"], grads[f"M{k}"])
     # dM5 = what P5's conv sends back + P6's share + the upsample's block sums of dM4
     d_p5 = douts[3] + F.max_pool2d_backward(douts[4], F.max_pool2d(out[3], 1, 2)[1])
+    np.testing.assert_allclose(grads["P5"], d_p5)  # P5's total: its own and P6's share
     conv = model.layer_blocks[3]
     conv(maps["M5"])
     from_p5 = conv.backward(d_p5)

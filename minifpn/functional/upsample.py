@@ -4,7 +4,7 @@ The FPN's top-down pathway upsamples each coarser map to the size of the lateral
 Output pixel ``dst`` copies input pixel ``floor(dst * in / out)`` (clipped to ``in - 1``); the
 quotient ``in / out`` is formed in float32, as PyTorch does for float32 tensors, so the indices
 agree exactly there (for float64 tensors PyTorch's CPU kernel differs on rare odd ratios such
-as 2 -> 164; every FPN size, out = 2*in or 2*in - 1, agrees in both; docs/derivations.md).
+as 2 -> 164; every FPN size, out = 2*in, 2*in - 1 or 2*in + 1, agrees in both; docs/derivations.md).
 """
 from __future__ import annotations
 

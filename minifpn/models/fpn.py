@@ -33,7 +33,7 @@ class LastLevelP6P7(Module):
         super().__init__()
         self.p6 = Conv2d(in_channels, out_channels, 3, 2, 1, dtype=dtype, rng=rng)
         self.p7 = Conv2d(out_channels, out_channels, 3, 2, 1, dtype=dtype, rng=rng)
-        self.use_P5 = in_channels == out_channels
+        self.use_P5 = in_channels == out_channels  # torchvision's rule
 
     def forward(self, x):
         p6 = self.p6(x)
@@ -55,12 +55,14 @@ class FPN(Module):
     and P6: (N, d, ceil(H5 / 2), ceil(W5 / 2)) (plus P7 for "p6p7"; only [P2] for "p2_only").
     backward(list of dPk, same length) -> [dC2, dC3, dC4, dC5].
     fuse: "sum" (the paper) or "avg" (M = (lateral + top-down) / 2).
+    p6p7_from: for extra_block="p6p7", whether P6 is computed from "p5" or "c5" (torchvision's
+    LastLevelP6P7 rule: from P5 exactly when C5 already has out_channels channels).
     state_dict keys are torchvision's FeaturePyramidNetwork keys: inner_blocks.i (the 1x1
     laterals) and layer_blocks.i (the 3x3 outputs), index 0 the finest level.
     """
 
     def __init__(self, in_channels_list, out_channels=256, extra_block="maxpool", fuse="sum",
-                 variant="fpn", dtype=DEFAULT_DTYPE, seed=0, trace=False):
+                 variant="fpn", p6p7_from="p5", dtype=DEFAULT_DTYPE, seed=0, trace=False):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"FPN: variant must be one of {list(VARIANTS)}, got {variant!r}")
@@ -81,8 +83,11 @@ class FPN(Module):
         self.layer_blocks = ModuleList(
             [Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype, rng=rng)
              for _ in self.in_channels_list])
-        if extra_block == "p6p7":
-            self.extra_blocks = LastLevelP6P7(out_channels, out_channels, dtype, rng)
+        if p6p7_from not in ("p5", "c5"):
+            raise ValueError(f"FPN: p6p7_from must be 'p5' or 'c5', got {p6p7_from!r}")
+        if extra_block == "p6p7":  # from C5 (RetinaNet's paper) needs C5's channels in
+            p6_in = self.in_channels_list[-1] if p6p7_from == "c5" else out_channels
+            self.extra_blocks = LastLevelP6P7(p6_in, out_channels, dtype, rng)
         self.trace = trace
         self.maps, self.grads = {}, {}
 
@@ -163,12 +168,12 @@ class FPN(Module):
         if len(grads) != len(self.output_names):
             raise ValueError(f"FPN.backward: expected {len(self.output_names)} gradients for "
                              f"{self.output_names}, got {len(grads)}")
-        for name, d in zip(self.output_names, grads):
-            self._record(self.grads, name, d)
         n, used = len(self.levels), self._n_used()
         d_outputs = list(grads[:used]) + [None] * (n - used)
         d_to_p5, d_to_c5 = self._extra_backward(grads[n:])  # P6 (and P7) hand back to P5 or C5
         d_outputs[n - 1] = _plus(d_outputs[n - 1], d_to_p5)
+        for name, d in zip(self.output_names, d_outputs[:used] + list(grads[n:])):
+            self._record(self.grads, name, d)  # P5's entry includes what P6 sent back
         # through each 3x3 output conv: dPk -> dMk
         d_merged = [None if d is None else self.layer_blocks[i].backward(d)
                     for i, d in enumerate(d_outputs)]
