@@ -35,6 +35,7 @@ def plot_pyramid(traced: dict, mode: str = "mean", sample: int = 0, title: str |
     a row of their own. Each panel is labelled with its shape. Returns the figure."""
     import matplotlib.pyplot as plt
 
+    traced = {name: value for name, value in traced.items() if value is not None}
     levels = sorted({int(re.fullmatch(r"[A-Za-z]+(\d+)", name)[1]) for name in traced})
     fig, axes = plt.subplots(len(levels), len(STAGES), figsize=(2.3 * len(STAGES), 2.1 * len(levels)),
                              squeeze=False)
@@ -75,12 +76,15 @@ def show_image_with_boxes(ax, image, boxes=(), labels=(), color="lime", scores=N
         ax.imshow(image, cmap="gray", interpolation="nearest")
     boxes = to_numpy(np.asarray(boxes)).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
     for i, (x1, y1, x2, y2) in enumerate(boxes):
-        ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color, lw=1))
+        # box edges are pixel edges; imshow puts pixel c's centre at c, so its edges at c -+ 0.5
+        ax.add_patch(patches.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False,
+                                       color=color, lw=1))
         text = str(labels[i]) if len(labels) else ""
         if scores is not None:
             text += f" {float(scores[i]):.2f}"
         if text:
-            ax.text(x1, y1 - 1, text, color=color, fontsize=7, va="bottom")
+            ax.annotate(text, (x1 - 0.5, y1 - 0.5), xytext=(0, 1), textcoords="offset points",
+                        color=color, fontsize=7, va="bottom")
     ax.set_xticks([])
     ax.set_yticks([])
     return ax
