@@ -9,8 +9,12 @@ import numpy as np
 
 
 def setup_threads(threads: int):
-    """Pin NumPy's BLAS and PyTorch to ``threads`` threads; return (limiter, torch or None)."""
+    """Pin NumPy's BLAS and PyTorch to ``threads`` threads, and keep freed memory for reuse
+    (as the minifpn command does); return (limiter, torch or None)."""
     from threadpoolctl import threadpool_limits
+
+    from minifpn.backend import reuse_freed_memory
+    reuse_freed_memory()
     limiter = threadpool_limits(limits=threads)
     try:
         import torch
@@ -34,7 +38,8 @@ def blas_report(threads: int) -> str:
         lines.append(f"WARNING: OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} is set; "
                      "OpenBLAS then runs at about half speed on these machines. Unset it for "
                      "a benchmark run: `env -u OPENBLAS_CORETYPE python benchmarks/...`.")
-    lines.append(f"threads: {threads} (NumPy BLAS and torch.set_num_threads)")
+    lines.append(f"threads: {threads} (NumPy BLAS and torch.set_num_threads); freed memory is "
+                 f"kept for reuse (minifpn.backend.reuse_freed_memory)")
     return "\n".join(lines)
 
 

@@ -94,3 +94,26 @@ def to_device(x, backend: str = "numpy"):
 def default_rng(seed=None) -> np.random.Generator:
     """A host random generator; parameters are drawn on the host, then moved with ``to_device``."""
     return np.random.default_rng(seed)
+
+
+def reuse_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for the next allocation instead of handing it back to the
+    operating system. Returns True where that was done (Linux with glibc).
+
+    NumPy allocates a fresh buffer for every intermediate (an im2col matrix is often 10-80 MB).
+    By default glibc unmaps big freed buffers, so the next allocation page-faults every page
+    back in and zeroes it: for a 3x3 conv on 8 x 64 x 32 x 32 that was about half of the time
+    (docs/performance.md). The command-line jobs and the benchmarks call this once at start.
+    """
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    mmap_ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)  # heap, not mmap, up to 32 MB (the max)
+    trim_ok = libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # never give the heap's top back
+    return bool(mmap_ok and trim_ok)

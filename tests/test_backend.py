@@ -66,3 +66,10 @@ def test_arrays_from_two_backends_are_refused(monkeypatch):
         F.conv2d(x, w)
     with pytest.raises(backend.BackendError, match="two backends"):
         F.add(x, np.zeros_like(x).view(_FakeDeviceArray))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_reuse_freed_memory_is_applied_on_linux():
+    assert backend.reuse_freed_memory() is True
+    x = np.ones((4096, 4096), dtype=np.float32)  # 64 MB: allocation still works afterwards
+    assert float(x.sum()) == 4096 * 4096

@@ -24,10 +24,10 @@ def test_fast_conv_equals_naive_loops(N, C, H, W, OC, k, s, p, bias, make, rng):
 
 def test_im2col_lays_out_receptive_fields(make):
     x = make(np.arange(16.0).reshape(1, 1, 4, 4))
-    col = F.im2col(x, 3, stride=1, padding=0)  # (1, 1, 3, 3, 2, 2)
-    assert col.shape == (1, 1, 3, 3, 2, 2)
+    col = F.im2col(x, 3, stride=1, padding=0)  # (C, KH, KW, N, OH, OW)
+    assert col.shape == (1, 3, 3, 1, 2, 2)
     # the receptive field of output (0, 1) is rows 0..2, columns 1..3
-    np.testing.assert_array_equal(to_numpy(col[0, 0, :, :, 0, 1]),
+    np.testing.assert_array_equal(to_numpy(col[0, :, :, 0, 0, 1]),
                                   [[1, 2, 3], [5, 6, 7], [9, 10, 11]])
 
 

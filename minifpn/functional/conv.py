@@ -38,10 +38,11 @@ def _window(offset: int, stride: int, count: int) -> slice:
 def im2col(x, kernel_size, stride=1, padding=0):
     """Lay out every receptive field of ``x`` as a column.
 
-    x: (N, C, H, W)  ->  col: (N, C, KH, KW, OH, OW), where
-    col[n, c, i, j, oh, ow] = x_padded[n, c, oh*SH + i, ow*SW + j].
+    x: (N, C, H, W)  ->  col: (C, KH, KW, N, OH, OW), where
+    col[c, i, j, n, oh, ow] = x_padded[n, c, oh*SH + i, ow*SW + j].
     Built with one strided-slice copy per kernel offset (i, j): KH*KW copies in all.
-    Reshaped to (N, C*KH*KW, OH*OW) it is the right-hand side of the convolution's GEMM.
+    Reshaped to (C*KH*KW, N*OH*OW) = (K, N*L) it is the right-hand side of the convolution's
+    GEMM: one column per output position of every image, so the whole batch is one product.
     """
     KH, KW = pair(kernel_size, "kernel_size", "im2col", 1)
     SH, SW = pair(stride, "stride", "im2col", 1)
@@ -50,30 +51,31 @@ def im2col(x, kernel_size, stride=1, padding=0):
     N, C, H, W = x.shape
     OH = conv_output_size(H, KH, SH, PH)
     OW = conv_output_size(W, KW, SW, PW)
-    x_padded = pad2d(x, (PH, PW))
-    col = xp.empty((N, C, KH, KW, OH, OW), dtype=x.dtype)
+    x_padded = pad2d(x, (PH, PW)).transpose(1, 0, 2, 3)  # (C, N, Hp, Wp), a view
+    col = xp.empty((C, KH, KW, N, OH, OW), dtype=x.dtype)
     for i in range(KH):
         for j in range(KW):
-            col[:, :, i, j] = x_padded[:, :, _window(i, SH, OH), _window(j, SW, OW)]
+            col[:, i, j] = x_padded[:, :, _window(i, SH, OH), _window(j, SW, OW)]
     return col
 
 
 def col2im(col, x_shape, stride=1, padding=0):
     """The adjoint of ``im2col``: add every column entry back where it was read from.
 
-    col: (N, C, KH, KW, OH, OW)  ->  (N, C, H, W) with H, W from ``x_shape``.
+    col: (C, KH, KW, N, OH, OW)  ->  (N, C, H, W) with H, W from ``x_shape``.
     Where receptive fields overlap, the contributions add up (one strided-slice ``+=`` per
     kernel offset); the padding border is cropped off at the end.
     """
     SH, SW = pair(stride, "stride", "col2im", 1)
     PH, PW = pair(padding, "padding", "col2im", 0)
     xp = get_array_module(col)
-    N, C, KH, KW, OH, OW = col.shape
+    C, KH, KW, N, OH, OW = col.shape
     H, W = x_shape[2], x_shape[3]
     dx_padded = xp.zeros((N, C, H + 2 * PH, W + 2 * PW), dtype=col.dtype)
+    dx_view = dx_padded.transpose(1, 0, 2, 3)  # (C, N, Hp, Wp), writes land in dx_padded
     for i in range(KH):
         for j in range(KW):
-            dx_padded[:, :, _window(i, SH, OH), _window(j, SW, OW)] += col[:, :, i, j]
+            dx_view[:, :, _window(i, SH, OH), _window(j, SW, OW)] += col[:, i, j]
     if PH == 0 and PW == 0:
         return dx_padded
     return xp.ascontiguousarray(dx_padded[:, :, PH:PH + H, PW:PW + W])
@@ -105,8 +107,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
 
     x: (N, C, H, W); weight: (OC, C, KH, KW); bias: (OC,) or None.
     Returns out: (N, OC, OH, OW) and a cache for ``conv2d_backward``.
-    out[n] = weight.reshape(OC, K) @ col[n]: one GEMM per image on the im2col columns, whose
-    result (OC, OH*OW) is already NCHW, so no transpose is needed afterwards.
+    One GEMM for the whole batch: (OC, K) @ (K, N*L) -> (OC, N*L), then an (OC, N) -> (N, OC)
+    transpose of the result (KH*KW times smaller than the columns). A 1x1 conv at stride 1
+    needs no columns: the pixels of each image already are its receptive fields.
     """
     (SH, SW), (PH, PW) = _check_conv_args(x, weight, bias, stride, padding)
     xp = get_array_module(x)
@@ -114,15 +117,19 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     OC, _, KH, KW = weight.shape
     OH = conv_output_size(H, KH, SH, PH)
     OW = conv_output_size(W, KW, SW, PW)
+    w_mat = weight.reshape(OC, C * KH * KW)
     pointwise = (KH, KW, SH, SW, PH, PW) == (1, 1, 1, 1, 0, 0)
     if pointwise:
-        cols = x.reshape(N, C, H * W)  # a 1x1 conv: every pixel is its own receptive field
+        cols = x.reshape(N, C, H * W)
+        out = xp.matmul(w_mat, cols)  # (OC, C) @ (N, C, L) -> (N, OC, L), one GEMM per image
+        if bias is not None:
+            out += bias.reshape(1, OC, 1)
     else:
-        cols = im2col(x, (KH, KW), (SH, SW), (PH, PW)).reshape(N, C * KH * KW, OH * OW)
-    w_mat = weight.reshape(OC, C * KH * KW)
-    out = xp.matmul(w_mat, cols)  # (OC, K) @ (N, K, L) -> (N, OC, L)
-    if bias is not None:
-        out += bias.reshape(1, OC, 1)
+        cols = im2col(x, (KH, KW), (SH, SW), (PH, PW)).reshape(C * KH * KW, N * OH * OW)
+        out_t = w_mat @ cols  # (OC, K) @ (K, N*L) -> (OC, N*L)
+        if bias is not None:
+            out_t += bias.reshape(OC, 1)
+        out = xp.ascontiguousarray(out_t.reshape(OC, N, OH * OW).transpose(1, 0, 2))
     cache = (x.shape, cols, weight, bias is not None, (SH, SW), (PH, PW), pointwise)
     return out.reshape(N, OC, OH, OW), cache
 
@@ -132,24 +139,27 @@ def conv2d_backward(dout, cache):
 
     dout: (N, OC, OH, OW), the gradient of the loss with respect to ``out``.
     Returns dx: (N, C, H, W), dweight: (OC, C, KH, KW), dbias: (OC,) or None.
-        dweight = sum_n dout[n] @ col[n]^T        (OC, L) @ (L, K)
-        dcol[n] = weight^T @ dout[n]              (K, OC) @ (OC, L), then col2im -> dx
+        dweight = dout_mat @ col^T        (OC, N*L) @ (N*L, K)
+        dcol    = weight^T @ dout_mat     (K, OC) @ (OC, N*L), then col2im -> dx
         dbias   = dout summed over N, OH, OW
+    where dout_mat is dout laid out as (OC, N*L), like the forward's product.
     """
     x_shape, cols, weight, has_bias, stride, padding, pointwise = cache
     xp = get_array_module(dout)
     N, C, H, W = x_shape
     OC, _, KH, KW = weight.shape
     OH, OW = dout.shape[2], dout.shape[3]
-    dout_mat = dout.reshape(N, OC, OH * OW)
     w_mat = weight.reshape(OC, C * KH * KW)
-    dweight = xp.matmul(dout_mat, cols.transpose(0, 2, 1)).sum(axis=0).reshape(weight.shape)
     dbias = dout.sum(axis=(0, 2, 3)) if has_bias else None
-    dcols = xp.matmul(w_mat.T, dout_mat)  # (N, K, L)
-    if pointwise:
-        dx = dcols.reshape(x_shape)  # the 1x1 fast path: no col2im needed
-    else:
-        dx = col2im(dcols.reshape(N, C, KH, KW, OH, OW), x_shape, stride, padding)
+    if pointwise:  # the 1x1 fast path: per-image products, no col2im
+        dout_n = dout.reshape(N, OC, OH * OW)
+        dweight = xp.matmul(dout_n, cols.transpose(0, 2, 1)).sum(axis=0).reshape(weight.shape)
+        dx = xp.matmul(w_mat.T, dout_n).reshape(x_shape)
+        return dx, dweight, dbias
+    dout_mat = dout.reshape(N, OC, OH * OW).transpose(1, 0, 2).reshape(OC, N * OH * OW)
+    dweight = (dout_mat @ cols.T).reshape(weight.shape)
+    dcols = w_mat.T @ dout_mat  # (K, N*L)
+    dx = col2im(dcols.reshape(C, KH, KW, N, OH, OW), x_shape, stride, padding)
     return dx, dweight, dbias
 
 
