@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .backend import backend_name, default_rng, to_device
+from .backend import backend_name, default_rng, get_array_module, to_device
 from .data import DigitScenes, SceneConfig
 from .detection.metrics import evaluate
 from .models.detector import Detector, DetectorConfig
@@ -35,10 +35,10 @@ class TrainConfig:
 
     iterations: int = 1000
     batch_size: int = 8
-    lr: float = 0.02
+    lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup: int = 100
+    warmup: int = 50
     milestones: tuple = (0.75, 0.9)
     checkpoint_every: int = 100
     seed: int = 0
@@ -141,7 +141,7 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=config.iterations, initial=start_iteration, unit="it",
-                   desc=f"train {detector.config.setting}")
+                   desc=f"train {detector.config.setting}", mininterval=1.0)
     began = time.perf_counter()
     iteration = start_iteration
     try:
@@ -161,13 +161,20 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
             optimizer.zero_grad()
             detector.backward()
             optimizer.step()
+            if not all(bool(get_array_module(p.data).isfinite(p.data).all())
+                       for p in optimizer.params.values()):
+                raise TrainingDiverged(
+                    f"a weight became NaN or infinite at iteration {iteration} (lr {lr:g}); "
+                    f"training stopped and the last good checkpoint, {path}, was left as it "
+                    f"was. Try a smaller --lr or a longer --warmup.")
             for key, value in (("iteration", iteration + 1), ("loss", loss), ("cls", parts["cls"]),
                                ("box", parts["box"]), ("lr", lr),
                                ("seconds", time.perf_counter() - tick)):
                 history[key].append(value)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{config.batch_size / history['seconds'][-1]:.1f}")
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False,
+                                img_s=f"{config.batch_size / history['seconds'][-1]:.1f}")
             done = iteration + 1
             if done % config.checkpoint_every == 0 or done == config.iterations:
                 checkpoint(done)
@@ -193,6 +200,8 @@ def evaluate_detector(detector: Detector, split: str = "test", n: int = 300, bat
         images, boxes, labels = scenes.batch(range(start, min(n, start + batch_size)))
         detections += detector.predict(to_device(images, backend))
         truths += [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
+    if detector.config.num_classes == 1:  # an RPN: proposals are scored as "object" alone
+        truths = [{"boxes": t["boxes"], "labels": np.zeros_like(t["labels"])} for t in truths]
     metrics = evaluate(detections, truths, detector.config.num_classes)
     return metrics, detections, truths
 

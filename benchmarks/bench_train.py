@@ -1,0 +1,136 @@
+"""Training speed of the demo detector: images per second and peak memory, with the same
+network built in PyTorch (same weights) as the ratio baseline.
+
+    python benchmarks/bench_train.py [--threads 2] [--batch 8] [--steps 10]
+
+Ours: one full training step (forward, anchor matching and sampling, loss, backward, SGD).
+PyTorch: forward and backward of the same backbone + FPN + shared head, with the head's
+outputs given random gradients (the loss bookkeeping is not part of the baseline), then SGD.
+Peak memory is NumPy's allocations during one of our steps, from tracemalloc.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import tracemalloc
+
+import numpy as np
+
+from common import blas_report, setup_threads, table
+from minifpn.data import DigitScenes
+from minifpn.models.detector import Detector, DetectorConfig
+from minifpn.optim import SGD
+
+
+def torch_twin(det, torch):
+    """The same detector in PyTorch modules with our parameter names, loaded with our weights."""
+    nn = torch.nn
+    from torchvision.ops import FeaturePyramidNetwork
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    from minifpn.interop import fpn_to_torchvision
+
+    class Block(nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            conv = lambda c: nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=False)  # noqa: E731
+            self.conv1, self.bn1 = conv(b.conv1), nn.BatchNorm2d(b.conv1.out_channels)
+            self.conv2, self.bn2 = conv(b.conv2), nn.BatchNorm2d(b.conv2.out_channels)
+            self.downsample = None
+            if b.downsample is not None:
+                self.downsample = nn.Sequential(conv(b.downsample[0]), nn.BatchNorm2d(b.conv1.out_channels))
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.conv1(x)))
+            h = self.bn2(self.conv2(h))
+            return torch.relu(h + (x if self.downsample is None else self.downsample(x)))
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            bb = det.backbone
+            self.conv1 = nn.Conv2d(bb.in_channels, bb.widths[0], bb.conv1.kernel_size, 2, bb.conv1.padding, bias=False)
+            self.bn1 = nn.BatchNorm2d(bb.widths[0])
+            self.layers = nn.ModuleList([nn.Sequential(*[Block(b) for b in stage]) for stage in bb.stages])
+            self.fpn = FeaturePyramidNetwork(list(bb.widths), det.config.channels, extra_blocks=LastLevelMaxPool())
+            h = det.head
+            self.conv = nn.Conv2d(h.conv.in_channels, h.conv.out_channels, 3, padding=1)
+            self.cls = nn.Conv2d(h.conv.out_channels, h.cls_logits.out_channels, 1)
+            self.box = nn.Conv2d(h.conv.out_channels, h.bbox_pred.out_channels, 1)
+
+        def forward(self, x):
+            x = torch.nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+            cs = {}
+            for i, layer in enumerate(self.layers):
+                x = layer(x)
+                cs[str(i)] = x
+            outs = []
+            for p in self.fpn(cs).values():
+                h = torch.relu(self.conv(p))
+                outs += [self.cls(h), self.box(h)]
+            return outs
+
+    twin = Twin()
+    twin.fpn.load_state_dict(fpn_to_torchvision(det.fpn.state_dict()))
+    return twin
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    _, torch = setup_threads(args.threads)
+    print(blas_report(args.threads))
+    det = Detector(DetectorConfig())
+    opt = SGD(det.named_parameters(), lr=0.001)
+    scenes = DigitScenes("train", n=10 ** 6)
+    rng = np.random.default_rng(0)
+    batches = [scenes.batch(range(i * args.batch, (i + 1) * args.batch)) for i in range(args.steps + 1)]
+
+    def step(batch):
+        images, boxes, labels = batch
+        det.loss(images, boxes, labels, rng)
+        opt.zero_grad()
+        det.backward()
+        opt.step()
+
+    step(batches[0])  # warm-up
+    tracemalloc.start()
+    step(batches[0])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    start = time.perf_counter()
+    for b in batches[1:]:
+        step(b)
+    ours = (time.perf_counter() - start) / args.steps
+    rows = [["minifpn (full training step)", f"{ours * 1e3:.0f}", f"{args.batch / ours:.1f}",
+             f"{peak / 2 ** 20:.0f}"]]
+    if torch is not None:
+        twin = torch_twin(det, torch)
+        t_opt = torch.optim.SGD(twin.parameters(), lr=0.001, momentum=0.9)
+        images = [torch.tensor(b[0]) for b in batches]
+        grads = [torch.randn(o.shape) for o in twin(images[0])]
+
+        def t_step(x):
+            t_opt.zero_grad()
+            torch.autograd.backward(twin(x), grads)
+            t_opt.step()
+
+        t_step(images[0])
+        start = time.perf_counter()
+        for x in images[1:]:
+            t_step(x)
+        theirs = (time.perf_counter() - start) / args.steps
+        rows.append(["PyTorch twin (fwd + bwd + SGD)", f"{theirs * 1e3:.0f}",
+                     f"{args.batch / theirs:.1f}", ""])
+        rows.append(["ratio (ours / torch)", f"{ours / theirs:.2f}", "", ""])
+    cfg = det.config
+    print(f"demo detector: ResNet {cfg.widths}, FPN d={cfg.channels}, head shared over P2..P6, "
+          f"batch {args.batch} of 1x128x128 scenes\n")
+    print(table(rows, ["", "ms / step", "images / s", "peak MB"]))
+
+
+if __name__ == "__main__":
+    main()
