@@ -1,4 +1,4 @@
-"""2-d convolution (cross-correlation, as in PyTorch) by im2col and one GEMM per image.
+"""2-d convolution (cross-correlation, as in PyTorch) by im2col and one GEMM for the whole batch.
 
 Glossary, used in every docstring of this package:
     N batch, C input channels, H, W input height and width,
