@@ -109,7 +109,8 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
     """Train ``detector`` for ``config.iterations`` steps, checkpointing into ``run_dir``.
 
     With ``resume``, continue from ``run_dir/checkpoint.npz``: weights, momentum, RNG state and
-    the iteration count all come back, so the run goes on as if never stopped. ``time_limit``
+    the iteration count all come back, so the run goes on as if never stopped. (The learning-rate
+    milestones are fractions of ``config.iterations``: resume with the same total to keep them.) ``time_limit``
     (seconds) ends the run early, after a checkpoint. Returns the history
     {"iteration": [...], "loss": [...], "cls": [...], "box": [...], "lr": [...]}.
     """

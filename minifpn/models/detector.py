@@ -161,9 +161,11 @@ class Detector(Module):
         """Loss on a batch: images (N, C, H, W); boxes: list of (K_n, 4) (x1, y1, x2, y2);
         labels: list of (K_n,) ints in [0, num_classes). Returns (loss, parts) as host floats.
 
-        Anchors are labelled (IoU >= 0.7 or best: object; < 0.3: background), 256 are sampled
-        per image with at most half positive, and
-            loss = sum CE(sampled) / n_sampled + sum SmoothL1(positive deltas) / n_sampled.
+        Anchors are labelled (IoU >= config.positive_iou or the best anchor of a box: object;
+        < config.negative_iou: background), config.anchors_per_image are sampled per image with
+        at most config.positive_fraction positive, and
+            loss = sum CE(sampled) / n + sum SmoothL1(positive deltas) / n,
+        n = the number of sampled anchors (or of positives, with normalize_by="positives").
         """
         rng = default_rng() if rng is None else rng
         N, _, H, W = images.shape
