@@ -30,7 +30,9 @@ def scene_batch(rng, n=2, size=64):
 def test_detector_gradients_end_to_end(setting, rng):
     """Backbone + FPN + head + loss, float64: d loss / d every checked parameter. The head is
     drawn at std 0.3 (not 0.01) so that its gradients stand well above the loss's rounding."""
-    det = tiny(setting, anchors_per_image=32)
+    # the paper's labelling: with the demo's IoU 0.4 a few class-weight gradients fall to ~4e-8,
+    # below the scalar loss's rounding noise over 2h (about 1e-10), so relative error is noise
+    det = tiny(setting, anchors_per_image=32, positive_iou=0.7)
     head_rng = np.random.default_rng(5)
     for conv in (det.head.conv, det.head.cls_logits, det.head.bbox_pred):
         init.normal_(conv.weight, 0.3, head_rng)
