@@ -116,7 +116,6 @@ class FPN(Module):
 
     # ---- forward: the top-down pathway ------------------------------------------------
     def forward(self, features):
-        """[C2, C3, C4, C5] -> [P2, ..., P6]: M5 from C5, then coarse to fine, upsample and add."""
         self._check(features)
         self.maps, self.grads = {}, {}
         n = len(features)
