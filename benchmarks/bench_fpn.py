@@ -11,8 +11,8 @@ import argparse
 from collections import OrderedDict
 
 import numpy as np
-
 from common import blas_report, rng_array, setup_threads, table, timeit
+
 from minifpn.interop import fpn_from_torchvision
 from minifpn.models import FPN
 

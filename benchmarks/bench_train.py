@@ -15,8 +15,8 @@ import time
 import tracemalloc
 
 import numpy as np
-
 from common import blas_report, setup_threads, table
+
 from minifpn.data import DigitScenes
 from minifpn.models.detector import Detector, DetectorConfig
 from minifpn.optim import SGD

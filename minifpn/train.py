@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .backend import backend_name, default_rng, get_array_module, to_device
+from .backend import default_rng, get_array_module, to_device
 from .data import DigitScenes, SceneConfig
 from .detection.metrics import evaluate
 from .models.detector import Detector, DetectorConfig
@@ -209,4 +209,4 @@ def evaluate_detector(detector: Detector, split: str = "test", n: int = 300, bat
 
 __all__ = ["CheckpointError", "TrainConfig", "TrainingDiverged", "check_same_config",
            "detector_from_checkpoint", "evaluate_detector", "load_checkpoint", "save_checkpoint",
-           "train", "backend_name", "to_device"]
+           "train"]

@@ -2,8 +2,18 @@
 import numpy as np
 import pytest
 
-from minifpn.detection import (batched_nms, box_iou, cell_anchors, clip_boxes, decode, encode,
-                               grid_anchors, match_anchors, nms, sample_anchors)
+from minifpn.detection import (
+    batched_nms,
+    box_iou,
+    cell_anchors,
+    clip_boxes,
+    decode,
+    encode,
+    grid_anchors,
+    match_anchors,
+    nms,
+    sample_anchors,
+)
 from minifpn.detection.boxes import BBOX_CLIP
 
 

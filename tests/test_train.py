@@ -7,8 +7,15 @@ import pytest
 from minifpn.models.detector import Detector, DetectorConfig
 from minifpn.nn import Parameter
 from minifpn.optim import SGD, learning_rate
-from minifpn.train import (CheckpointError, TrainConfig, TrainingDiverged, detector_from_checkpoint,
-                           load_checkpoint, save_checkpoint, train)
+from minifpn.train import (
+    CheckpointError,
+    TrainConfig,
+    TrainingDiverged,
+    detector_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 
 def small_detector(**kw):

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..detection.boxes import AREA_RANGES, MEDIUM_AREA, SMALL_AREA, box_iou  # noqa: F401
+from ..detection.boxes import AREA_RANGES, MEDIUM_AREA, SMALL_AREA, box_area, box_iou  # noqa: F401
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
@@ -80,12 +80,13 @@ def _texture(rng, canvas: int, amplitude: float) -> np.ndarray:
     return amplitude * resize_bilinear(coarse, canvas, canvas)
 
 
-def make_scene(rng: np.random.Generator, pool: np.ndarray, config: SceneConfig = SceneConfig()):
+def make_scene(rng: np.random.Generator, pool: np.ndarray, config: SceneConfig | None = None):
     """Draw one scene from source digits ``pool`` (indices into the sklearn digits).
 
     Returns image (1, canvas, canvas) float32 in [0, 1], boxes (K, 4) float32 as
     (x1, y1, x2, y2) in pixels (x2, y2 exclusive), labels (K,) int64.
     """
+    config = SceneConfig() if config is None else config
     images, labels = load_source_digits()
     c = config.canvas
     canvas = _texture(rng, c, config.texture) + rng.normal(0, config.noise, (c, c))
@@ -140,6 +141,5 @@ class DigitScenes:
 
 def size_bucket(boxes: np.ndarray) -> np.ndarray:
     """"small", "medium" or "large" for each box (K, 4), by area (see AREA_RANGES)."""
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area = box_area(boxes)
     return np.where(area < SMALL_AREA, "small", np.where(area < MEDIUM_AREA, "medium", "large"))

@@ -4,9 +4,14 @@ state, and no backward changes ``dout`` in place."""
 from .batch_norm import batch_norm, batch_norm_backward
 from .conv import col2im, conv2d, conv2d_backward, conv2d_simple, conv_output_size, im2col
 from .elementwise import add, add_backward, relu, relu_backward
-from .losses import (binary_cross_entropy_with_logits, binary_cross_entropy_with_logits_backward,
-                     smooth_l1, smooth_l1_backward, softmax_cross_entropy,
-                     softmax_cross_entropy_backward)
+from .losses import (
+                     binary_cross_entropy_with_logits,
+                     binary_cross_entropy_with_logits_backward,
+                     smooth_l1,
+                     smooth_l1_backward,
+                     softmax_cross_entropy,
+                     softmax_cross_entropy_backward,
+)
 from .pool import max_pool2d, max_pool2d_backward
 from .upsample import nearest_source_index, upsample_nearest, upsample_nearest_backward
 

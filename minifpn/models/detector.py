@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import functional as F
-from ..backend import DEFAULT_DTYPE, default_rng, get_array_module, to_device, to_numpy
+from ..backend import DEFAULT_DTYPE, backend_name, default_rng, get_array_module, to_device, to_numpy
 from ..detection.anchors import grid_anchors, match_anchors, sample_anchors
 from ..detection.boxes import batched_nms, clip_boxes, decode, encode
 from ..nn import Module
@@ -190,7 +190,7 @@ class Detector(Module):
             cls_target.append(target)
             box_index.append(n * T + positive)
             box_target.append(encode(gt[matched[positive]], anchors[positive]))
-        backend = "cupy" if get_array_module(images) is not np else "numpy"
+        backend = backend_name(images)
         cls_index = to_device(np.concatenate(cls_index), backend)
         box_index = to_device(np.concatenate(box_index), backend)
         cls_target = to_device(np.concatenate(cls_target), backend)
