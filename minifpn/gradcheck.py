@@ -148,17 +148,8 @@ def distinct_values(rng, shape, spacing: float = 0.01):
     return (magnitude * np.where(order % 2 == 0, 1.0, -1.0)).reshape(shape)
 
 
-def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
-    """Gradient-check every functional op and every layer on small float64 inputs."""
+def _conv_checks(randn):
     from . import functional as F
-    from . import nn
-
-    get_backend(backend)  # raises a clear error if the backend cannot be used
-    rng = default_rng(seed)
-
-    def randn(*shape):
-        return to_device(rng.standard_normal(shape), backend)
-
     results = []
     for (N, C, H, W, OC, K, S, P) in [(2, 3, 7, 6, 4, 3, 1, 1), (2, 3, 9, 7, 4, 3, 2, 1),
                                        (2, 4, 5, 5, 3, 1, 1, 0), (1, 3, 7, 7, 2, 1, 2, 0),
@@ -176,6 +167,12 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
         results.append(check("conv2d", f"{(N, C, H, W)} k{K} s{S} p{P}", conv_forward,
                              conv_backward, {"x": randn(N, C, H, W), "weight": randn(OC, C, K, K),
                                              "bias": randn(OC)}))
+    return results
+
+
+def _pool_and_upsample_checks(randn, distinct):
+    from . import functional as F
+    results = []
     for (shape, K, S, P) in [((2, 3, 7, 6), 3, 2, 1), ((2, 2, 6, 6), 2, 2, 0),
                              ((1, 3, 5, 7), 1, 2, 0)]:
         state = {}
@@ -186,7 +183,7 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
 
         results.append(check("max_pool2d", f"{shape} k{K} s{S} p{P}", pool_forward,
                              lambda d: {"x": F.max_pool2d_backward(d, state["cache"])},
-                             {"x": to_device(distinct_values(rng, shape), backend)}))
+                             {"x": distinct(shape)}))
     for (shape, size) in [((2, 3, 4, 5), (8, 10)), ((1, 2, 4, 3), (7, 5)), ((1, 2, 5, 6), (3, 4))]:
         state = {}
 
@@ -197,10 +194,16 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
         results.append(check("upsample_nearest", f"{shape} -> {size}", up_forward,
                              lambda d: {"x": F.upsample_nearest_backward(d, state["cache"])},
                              {"x": randn(*shape)}))
+    return results
+
+
+def _norm_and_elementwise_checks(randn, distinct, uniform):
+    from . import functional as F
+    results = []
     for training in (True, False):
         state = {}
         C = 3
-        running = (randn(C), to_device(rng.uniform(0.5, 2.0, C), backend))
+        running = (randn(C), uniform(0.5, 2.0, C))
 
         def bn_forward(x, gamma, beta, training=training, running=running):
             out, state["cache"] = F.batch_norm(x, gamma, beta, running[0].copy(),
@@ -222,7 +225,7 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
 
     results.append(check("relu", "(2, 3, 4, 5)", relu_forward,
                          lambda d: {"x": F.relu_backward(d, state["cache"])},
-                         {"x": to_device(distinct_values(rng, (2, 3, 4, 5)), backend)}))
+                         {"x": distinct((2, 3, 4, 5))}))
 
     def add_backward(dout):
         da, db = F.add_backward(dout)
@@ -230,19 +233,23 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
 
     results.append(check("add", "(2, 3, 4, 5)", lambda a, b: F.add(a, b)[0], add_backward,
                          {"a": randn(2, 3, 4, 5), "b": randn(2, 3, 4, 5)}))
+    return results
 
+
+def _layer_checks(randn, distinct, rng, backend, seed):
+    from . import nn
     layers = [
         ("Conv2d", "(2, 3, 7, 6) k3 s2 p1", nn.Conv2d(3, 4, 3, 2, 1, rng=rng), randn(2, 3, 7, 6)),
         ("Conv2d 1x1", "(2, 5, 4, 4)", nn.Conv2d(5, 3, 1, rng=rng), randn(2, 5, 4, 4)),
         ("BatchNorm2d", "(3, 4, 3, 5)", nn.BatchNorm2d(4), randn(3, 4, 3, 5)),
-        ("ReLU", "(2, 3, 4, 4)", nn.ReLU(), to_device(distinct_values(rng, (2, 3, 4, 4)), backend)),
-        ("MaxPool2d", "(2, 3, 7, 7) k3 s2 p1", nn.MaxPool2d(3, 2, 1),
-         to_device(distinct_values(rng, (2, 3, 7, 7)), backend)),
+        ("ReLU", "(2, 3, 4, 4)", nn.ReLU(), distinct((2, 3, 4, 4))),
+        ("MaxPool2d", "(2, 3, 7, 7) k3 s2 p1", nn.MaxPool2d(3, 2, 1), distinct((2, 3, 7, 7))),
         ("Upsample", "(2, 3, 3, 4) x2", nn.Upsample(2), randn(2, 3, 3, 4)),
         ("Sequential", "conv-bn-relu (2, 3, 6, 6)",
          nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1, bias=False, rng=rng), nn.BatchNorm2d(4), nn.ReLU()),
          randn(2, 3, 6, 6)),
     ]
+    results = []
     for name, shape, module, x in layers:
         module.to(backend, dtype=np.float64)
         if isinstance(module, nn.BatchNorm2d):  # non-trivial scale and shift
@@ -250,3 +257,23 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
             module.bias.data[...] = randn(module.num_features)
         results.append(check_module(name, shape, module, x, seed=seed))
     return results
+
+
+def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
+    """Gradient-check every functional op and every layer on small float64 inputs."""
+    get_backend(backend)  # raises a clear error if the backend cannot be used
+    rng = default_rng(seed)
+
+    def randn(*shape):
+        return to_device(rng.standard_normal(shape), backend)
+
+    def distinct(shape):  # no ties, so max and ReLU have one gradient each
+        return to_device(distinct_values(rng, shape), backend)
+
+    def uniform(lo, hi, n):
+        return to_device(rng.uniform(lo, hi, n), backend)
+
+    # the order of the draws from rng is part of the table's reproducibility: keep it
+    return (_conv_checks(randn) + _pool_and_upsample_checks(randn, distinct)
+            + _norm_and_elementwise_checks(randn, distinct, uniform)
+            + _layer_checks(randn, distinct, rng, backend, seed))

@@ -92,6 +92,47 @@ def _precision_recall(per_image, max_det):
     return precision, recall
 
 
+def _class_curves(detections, ground_truths, num_classes, area_range, max_det):
+    """Precision (classes, T, 101) and recall (classes, T) of one area range and max_det, over
+    the classes that have real ground truth there."""
+    precisions, recalls = [], []
+    for k in range(num_classes):
+        per_image = []
+        for det, gt in zip(detections, ground_truths):
+            dk = np.asarray(det["labels"]) == k
+            gk = np.asarray(gt["labels"]) == k
+            per_image.append(_match_image(
+                np.asarray(det["boxes"], np.float64).reshape(-1, 4)[dk],
+                np.asarray(det["scores"], np.float64)[dk],
+                np.asarray(gt["boxes"], np.float64).reshape(-1, 4)[gk],
+                area_range, max_det))
+        pr = _precision_recall(per_image, max_det)
+        if pr is not None:
+            precisions.append(pr[0])
+            recalls.append(pr[1])
+    return np.array(precisions), np.array(recalls)
+
+
+def _mean_or_missing(a) -> float:
+    return float(a.mean()) if a.size else -1.0
+
+
+def _summarize(table, sizes) -> dict:
+    """The twelve numbers from {(area, max_det): (precision, recall)}; ``sizes`` are the size
+    buckets present ("small", "medium", "large")."""
+    precision_all = table["all", 100][0]  # (classes, T, 101)
+    results = {"AP": _mean_or_missing(precision_all),
+               "AP50": _mean_or_missing(precision_all[:, 0]) if precision_all.size else -1.0,
+               "AP75": _mean_or_missing(precision_all[:, 5]) if precision_all.size else -1.0}
+    for size in sizes:
+        results[f"AP_{size}"] = _mean_or_missing(table[size, 100][0])
+    for max_det in MAX_DETS:
+        results[f"AR@{max_det}"] = _mean_or_missing(table["all", max_det][1])
+    for size in sizes:
+        results[f"AR_{size}"] = _mean_or_missing(table[size, 100][1])
+    return results
+
+
 def evaluate(detections, ground_truths, num_classes: int, area_ranges=None) -> dict:
     """COCO-style metrics.
 
@@ -104,45 +145,12 @@ def evaluate(detections, ground_truths, num_classes: int, area_ranges=None) -> d
     if len(detections) != len(ground_truths):
         raise ValueError(f"evaluate: {len(detections)} detection lists for "
                          f"{len(ground_truths)} images")
-    results = {}
-    table = {}  # (area, max_det) -> (precisions, recalls) over classes with ground truth
+    table = {}  # (area, max_det) -> (precisions, recalls); by size only at max_det = 100
     for area_name, area_range in area_ranges.items():
-        for max_det in MAX_DETS:
-            if area_name != "all" and max_det != MAX_DETS[-1]:
-                continue
-            precisions, recalls = [], []
-            for k in range(num_classes):
-                per_image = []
-                for det, gt in zip(detections, ground_truths):
-                    dk = np.asarray(det["labels"]) == k
-                    gk = np.asarray(gt["labels"]) == k
-                    per_image.append(_match_image(
-                        np.asarray(det["boxes"], np.float64).reshape(-1, 4)[dk],
-                        np.asarray(det["scores"], np.float64)[dk],
-                        np.asarray(gt["boxes"], np.float64).reshape(-1, 4)[gk],
-                        area_range, max_det))
-                pr = _precision_recall(per_image, max_det)
-                if pr is not None:
-                    precisions.append(pr[0])
-                    recalls.append(pr[1])
-            table[area_name, max_det] = (np.array(precisions), np.array(recalls))
-
-    def mean_or_missing(a):
-        return float(a.mean()) if a.size else -1.0
-
-    precision_all = table["all", 100][0]  # (classes, T, 101)
-    results["AP"] = mean_or_missing(precision_all)
-    results["AP50"] = mean_or_missing(precision_all[:, 0]) if precision_all.size else -1.0
-    results["AP75"] = mean_or_missing(precision_all[:, 5]) if precision_all.size else -1.0
-    for size in ("small", "medium", "large"):
-        if size in area_ranges:
-            results[f"AP_{size}"] = mean_or_missing(table[size, 100][0])
-    for max_det in MAX_DETS:
-        results[f"AR@{max_det}"] = mean_or_missing(table["all", max_det][1])
-    for size in ("small", "medium", "large"):
-        if size in area_ranges:
-            results[f"AR_{size}"] = mean_or_missing(table[size, 100][1])
-    return results
+        for max_det in (MAX_DETS if area_name == "all" else MAX_DETS[-1:]):
+            table[area_name, max_det] = _class_curves(detections, ground_truths, num_classes,
+                                                      area_range, max_det)
+    return _summarize(table, [s for s in ("small", "medium", "large") if s in area_ranges])
 
 
 def format_metrics(metrics: dict) -> str:
