@@ -141,3 +141,54 @@ def test_relu_and_add_match_torch(dtype, backend, rng):
     assert_matches(out, t_out, dtype, "out")
     assert_matches(da, ta.grad, dtype, "da")
     assert_matches(db, tb.grad, dtype, "db")
+
+
+@pytest.mark.parametrize("shape,k,s,p", POOL_CASES)
+@pytest.mark.parametrize("nan_fraction", [0.05, 0.2], ids=["few-nan", "more-nan"])
+def test_max_pool2d_nan_matches_torch(shape, k, s, p, nan_fraction, dtype, backend, rng):
+    """NaN at random positions (windows with one NaN, with several, with none): the same
+    outputs (NaN where torch has NaN) and the gradient on the same entry as torch."""
+    x = draw(rng, shape, dtype)
+    x[rng.random(shape) < nan_fraction] = np.nan
+    out, cache = F.max_pool2d(to_device(x, backend), k, s, p)
+    dout = draw(rng, out.shape, dtype)
+    dx = F.max_pool2d_backward(to_device(dout, backend), cache)
+    tx = tensor(x, True)
+    t_out = TF.max_pool2d(tx, k, s, p)
+    t_out.backward(tensor(dout))
+    t_nan = np.isnan(t_out.detach().numpy())
+    assert t_nan.any() and not t_nan.all(), "the draw should give windows with and without NaN"
+    np.testing.assert_array_equal(np.isnan(to_numpy(out)), t_nan)
+    assert_matches(out, t_out, dtype, "out")  # assert_allclose treats NaN == NaN
+    assert_matches(dx, tx.grad, dtype, "dx")
+
+
+@pytest.mark.parametrize("values,expected_grad", [
+    ([1.0, np.nan, np.nan, 0.0], [0, 0, 1, 0]),  # two NaN: the last in scan order wins
+    ([np.nan, 5.0, 2.0, 0.0], [1, 0, 0, 0]),  # a NaN beats a larger number
+    ([3.0, 3.0, np.nan, 3.0], [0, 0, 1, 0]),  # a NaN beats tied maxima
+    ([2.0, 7.0, 7.0, 1.0], [0, 1, 0, 0]),  # no NaN: the first of tied maxima wins
+], ids=["two-nan", "nan-first", "nan-among-ties", "ties"])
+def test_max_pool2d_which_entry_wins_as_in_torch(values, expected_grad, backend):
+    x = np.array(values, dtype=np.float64).reshape(1, 1, 2, 2)
+    out, cache = F.max_pool2d(to_device(x, backend), 2, 2)
+    dx = F.max_pool2d_backward(to_device(np.ones((1, 1, 1, 1)), backend), cache)
+    tx = tensor(x, True)
+    t_out = TF.max_pool2d(tx, 2, 2)
+    t_out.backward(torch.ones(1, 1, 1, 1, dtype=torch.float64))
+    assert_matches(out, t_out, np.float64, "out")
+    assert_matches(dx, tx.grad, np.float64, "dx")
+    np.testing.assert_array_equal(to_numpy(dx).ravel(), expected_grad)
+
+
+def test_max_pool2d_window_of_minus_inf_sends_its_gradient_to_the_first_real_entry(backend):
+    """Padding is -inf too; a window whose real entries are all -inf still gives its gradient
+    to the image (its first real entry), as torch does, not to the padding."""
+    x = np.full((1, 1, 3, 3), -np.inf)
+    out, cache = F.max_pool2d(to_device(x, backend), 3, 1, 1)
+    dout = np.arange(1.0, 10.0).reshape(1, 1, 3, 3)
+    dx = F.max_pool2d_backward(to_device(dout, backend), cache)
+    tx = tensor(x, True)
+    TF.max_pool2d(tx, 3, 1, 1).backward(tensor(dout))
+    assert_matches(dx, tx.grad, np.float64, "dx")
+    assert float(to_numpy(dx).sum()) == 45.0, "every window's gradient reaches the image"

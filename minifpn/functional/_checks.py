@@ -1,16 +1,42 @@
 """Input checks shared by the functional ops: each failure names what was expected."""
 from __future__ import annotations
 
+import numbers
+
 from ..backend import get_array_module
 
 
+def is_int(value) -> bool:
+    """True for a Python int or a NumPy integer scalar (np.int64(2)); False for bools and floats."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # np.bool_ is not Integral
+
+
+def integer(value, name: str, op: str, minimum: int) -> int:
+    """Return ``value`` as a Python int, checking it is an integer (not a bool or a float such
+    as 2.5; NumPy integer scalars are fine) and >= ``minimum``."""
+    if not is_int(value):
+        raise ValueError(f"{op}: {name} must be an int (not a bool or a float), got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {int(value)}")
+    return int(value)
+
+
 def pair(value, name: str, op: str, minimum: int) -> tuple[int, int]:
-    """Return ``(value, value)`` for an int, or the pair itself, checking each is >= ``minimum``."""
-    if isinstance(value, int):
+    """Return ``(value, value)`` for an int, or the pair itself, checking each is >= ``minimum``.
+
+    NumPy integer scalars count as ints; bools, floats and strings do not. Returns Python ints.
+    """
+    given = value
+    if is_int(value):
         value = (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    message = f"{op}: {name} must be an int or a pair of ints (not bools or floats), got {given!r}"
+    try:
+        value = tuple(value)
+    except TypeError:  # 2.5, None, a 0-d array: neither an int nor a pair
+        raise ValueError(message) from None
+    if isinstance(given, str) or len(value) != 2 or not all(is_int(v) for v in value):
+        raise ValueError(message)
+    value = (int(value[0]), int(value[1]))
     if min(value) < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
     return value

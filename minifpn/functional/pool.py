@@ -1,5 +1,8 @@
 """2-d max pooling, as ``torch.nn.functional.max_pool2d`` (floor mode, padding with -inf).
 
+NaN propagates as in PyTorch: a window with any NaN gives NaN, and its gradient goes to the
+last NaN in scan order (PyTorch keeps a new entry when ``entry > max or isnan(entry)``).
+
 With ``kernel_size=1, stride=2`` it is the plain subsampling that makes the FPN's P6 from P5.
 Shapes use the glossary of ``conv.py``.
 """
@@ -15,8 +18,11 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
 
     x: (N, C, H, W) -> out: (N, C, OH, OW), OH = (H + 2*PH - KH) // SH + 1 (likewise OW);
     ``stride`` defaults to ``kernel_size``. Returns out and a cache for ``max_pool2d_backward``.
-    The window is scanned one kernel offset at a time; where two entries tie, the first one
-    in scan order wins (PyTorch's rule), and it alone receives the gradient.
+    The window is scanned one kernel offset at a time, as PyTorch's loop does: an entry wins
+    when it is greater than the best so far or is NaN. So where two entries tie, the first one
+    in scan order wins; a NaN always wins (the last NaN, if there are several); and a window
+    of -inf values goes to its first real entry, never to the padding. The winner alone
+    receives the gradient.
     """
     KH, KW = pair(kernel_size, "kernel_size", "max_pool2d", 1)
     SH, SW = pair(kernel_size if stride is None else stride, "stride", "max_pool2d", 1)
@@ -33,15 +39,22 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
     OH = conv_output_size(H, KH, SH, PH)
     OW = conv_output_size(W, KW, SW, PW)
     x_padded = pad2d(x, (PH, PW), value=-xp.inf)
-    out = None
+    # 1 on the image, 0 on the padding: PyTorch starts each window at its first real entry
+    real = pad2d(xp.ones((1, 1, H, W), dtype=x.dtype), (PH, PW), value=0.0) > 0
+    out = out_real = None
     argmax = xp.zeros((N, C, OH, OW), dtype=xp.int32)  # which kernel offset won, as i*KW + j
     for i in range(KH):
         for j in range(KW):
-            window = x_padded[:, :, _window(i, SH, OH), _window(j, SW, OW)]
+            rows, cols = _window(i, SH, OH), _window(j, SW, OW)
+            window, window_real = x_padded[:, :, rows, cols], real[:, :, rows, cols]
             if out is None:
-                out = window.copy()
+                out, out_real = window.copy(), window_real
                 continue
-            better = window > out  # strict: an earlier offset keeps a tie
+            # strict > keeps a tie at the earlier offset; a NaN always takes over (PyTorch's rule)
+            better = (window > out) | xp.isnan(window)
+            if PH or PW:  # a real entry (even -inf) replaces a padded one
+                better |= window_real & ~out_real
+                out_real = out_real | window_real
             out = xp.where(better, window, out)
             argmax = xp.where(better, i * KW + j, argmax).astype(xp.int32, copy=False)
     cache = (x.shape, argmax, (KH, KW), (SH, SW), (PH, PW))
