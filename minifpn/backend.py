@@ -21,6 +21,19 @@ class BackendError(RuntimeError):
     """Raised when a backend is asked for but cannot be used."""
 
 
+def use_cupy_module(module):
+    """Serve ``module`` as the "cupy" backend; returns the module it replaces (``None`` if none).
+
+    The test suite installs its strict CuPy stand-in (tests/strict_cupy) this way, so that every
+    run takes the CuPy branch of this file and of the compute code without a GPU; it puts the
+    previous module back afterwards. ``module`` needs CuPy's ``ndarray``, ``asarray``,
+    ``asnumpy`` and ``cuda.runtime.getDeviceCount``.
+    """
+    global _cupy
+    previous, _cupy = _cupy, module
+    return previous
+
+
 def cupy_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
     if _cupy is None:
