@@ -1,5 +1,10 @@
 """Training: fresh digit scenes every step, SGD with warm-up and step decay, atomic checkpoints
-that resume the same run, and a stop with a clear message if the loss stops being finite."""
+that resume the same run, and a stop with one clear line when training diverges or is interrupted.
+
+Every step is checked before it may be checkpointed: the loss must be finite and not explode
+(above LOSS_EXPLOSION x its median over the last LOSS_WINDOW steps), and the weights must be
+finite with a global norm that did not jump NORM_JUMP-fold in one step. The checkpoint on disk is
+therefore always the last state that passed those checks."""
 from __future__ import annotations
 
 import json
@@ -7,11 +12,11 @@ import math
 import os
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from .backend import default_rng, get_array_module, to_device
+from .backend import default_rng, get_array_module, to_device, to_numpy
 from .data import DigitScenes, SceneConfig
 from .detection.metrics import evaluate
 from .models.detector import Detector, DetectorConfig
@@ -19,23 +24,48 @@ from .optim import SGD, learning_rate
 
 CHECKPOINT_FORMAT = 1
 
+# The linear scaling rule (Goyal et al. 2017, as Detectron): the peak learning rate is BASE_LR per
+# BASE_BATCH images, so lr = BASE_LR * batch_size / BASE_BATCH. 0.05 was tuned at batch 8.
+BASE_LR, BASE_BATCH = 0.05, 8
+
+# Divergence checks. A healthy run's loss stays within about 3x its recent median (measured in
+# docs/results.md); 10x is far outside that, and a weight norm growing 10-fold in one step is not
+# learning (with weight decay the norm moves by well under 1% per step).
+LOSS_WINDOW = 50  # steps whose median the loss is compared with
+LOSS_MIN_HISTORY = 20  # the loss check waits for this much history: the first losses fall fast
+LOSS_EXPLOSION = 10.0
+NORM_JUMP = 10.0
+
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; nothing was written after the last good checkpoint."""
+    """The loss or the weights became non-finite or exploded; nothing was written after the last
+    good checkpoint. The message is one line."""
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupt, or was made for another configuration."""
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C during train(): ``iteration`` steps are done and checkpointed at ``path``."""
+
+    def __init__(self, iteration: int, path: str):
+        super().__init__(f"interrupted at step {iteration}; checkpoint saved to {path}")
+        self.iteration, self.path = iteration, path
+
+
 @dataclass
 class TrainConfig:
-    """How a detector is trained. Scene i of step t is train scene t * batch_size + i, so a
-    resumed run sees exactly the scenes the uninterrupted run would have seen."""
+    """How a detector is trained. Scene i of a step is train scene images_seen + i, where
+    images_seen counts the images of every earlier step, so a resumed run sees exactly the scenes
+    the uninterrupted run would have seen (and no scene twice after a batch-size change).
+
+    ``lr`` is the peak learning rate; None means the linear scaling rule, BASE_LR * batch_size /
+    BASE_BATCH (``peak_lr()`` gives the number)."""
 
     iterations: int = 1000
     batch_size: int = 8
-    lr: float = 0.05
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup: int = 50
@@ -44,8 +74,24 @@ class TrainConfig:
     seed: int = 0
     scenes: dict = field(default_factory=dict)  # SceneConfig overrides, e.g. {"max_objects": 4}
 
+    def peak_lr(self) -> float:
+        """The learning rate after warm-up: ``lr``, or BASE_LR * batch_size / BASE_BATCH."""
+        return self.lr if self.lr is not None else BASE_LR * self.batch_size / BASE_BATCH
+
     def scene_config(self) -> SceneConfig:
         return SceneConfig(**self.scenes)
+
+    def schedule(self) -> dict:
+        """What a resume must not change silently, by command-line flag: {"--lr": 0.05, ...}."""
+        return {"--lr": self.peak_lr(), "--batch-size": self.batch_size,
+                "--iterations": self.iterations, "--warmup": self.warmup,
+                "--milestones": [float(m) for m in self.milestones]}
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> TrainConfig:
+        """The config saved by asdict (lists for tuples; keys this version does not know dropped)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in stored.items() if k in known})
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
@@ -94,40 +140,117 @@ def check_same_config(checkpoint_config: dict, detector: Detector, path) -> None
                               + "; ".join(diffs))
 
 
+def check_arrays_match(ckpt: dict, detector: Detector, path) -> None:
+    """Refuse a checkpoint whose arrays disagree with the configuration stored beside them (a
+    hand-edited or foreign file), naming the missing, unexpected and misshapen arrays."""
+    c = detector.config
+    described = (f"its configuration (setting={c.setting!r}, widths={c.widths}, blocks={c.blocks}, "
+                 f"channels={c.channels}, num_classes={c.num_classes}, in_channels={c.in_channels})")
+    expected = {name: tuple(a.shape) for name, a in detector.state_dict().items()}
+    params = {name: tuple(p.shape) for name, p in detector.named_parameters()}
+    problems = [f"array {k} is missing" for k in expected if k not in ckpt["model"]]
+    problems += [f"array {k} is unexpected" for k in ckpt["model"] if k not in expected]
+    problems += [f"array {k} has shape {tuple(v.shape)} but {described} expects {expected[k]}"
+                 for k, v in ckpt["model"].items() if k in expected and tuple(v.shape) != expected[k]]
+    problems += [f"momentum optim/{k} belongs to no parameter" for k in ckpt["optim"] if k not in params]
+    problems += [f"momentum optim/{k} has shape {tuple(v.shape)} but {described} expects {params[k]}"
+                 for k, v in ckpt["optim"].items() if k in params and tuple(v.shape) != params[k]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"checkpoint {path}: " + "; ".join(problems[:3]) + more)
+
+
 def detector_from_checkpoint(path, backend: str = "numpy"):
     """Rebuild the detector a checkpoint was trained with and load its weights."""
     ckpt = load_checkpoint(path)
-    detector = Detector(DetectorConfig(**ckpt["meta"]["detector_config"]))
+    try:
+        config = DetectorConfig(**ckpt["meta"]["detector_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has no usable detector configuration "
+                              f"({type(e).__name__}: {e})") from e
+    detector = Detector(config)
+    check_arrays_match(ckpt, detector, path)
     detector.load_state_dict(ckpt["model"])
     return detector.to(backend), ckpt
+
+
+def schedule_changes(stored: dict, config: TrainConfig) -> dict:
+    """{flag: [checkpoint value, new value]} for each schedule setting that differs."""
+    before, after = TrainConfig.from_dict(stored).schedule(), config.schedule()
+    return {k: [before[k], after[k]] for k in after if before[k] != after[k]}
+
+
+def weight_norms(detector: Detector) -> tuple[float, float]:
+    """(global norm of the parameters, that of the floating-point buffers) in float64, with ONE
+    device-to-host transfer for the whole model: the sums of squares stay on the device until
+    both are stacked and copied at once. A NaN or inf anywhere makes its norm non-finite."""
+    params = [p.data for p in detector.parameters()]
+    xp = get_array_module(params[0])
+    buffers = [b for _, b in detector.named_buffers() if b.dtype.kind == "f"]
+    sums = [sum((a64 * a64).sum() for a64 in (a.astype(xp.float64) for a in group))
+            for group in (params, buffers)]
+    sums = [s if hasattr(s, "shape") else xp.zeros((), xp.float64) + s for s in sums]  # no buffers
+    host = to_numpy(xp.stack(sums))  # the one synchronisation of the check
+    return math.sqrt(float(host[0])), math.sqrt(float(host[1]))
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 # ---- the training loop -------------------------------------------------------------------------
 
 def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = False,
-          progress: bool = True, time_limit: float | None = None, log=print) -> dict:
+          progress: bool = True, time_limit: float | None = None, log=print,
+          allow_changes: bool = False) -> dict:
     """Train ``detector`` for ``config.iterations`` steps, checkpointing into ``run_dir``.
 
     With ``resume``, continue from ``run_dir/checkpoint.npz``: weights, momentum, RNG state and
-    the iteration count all come back, so the run goes on as if never stopped. (The learning-rate
-    milestones are fractions of ``config.iterations``: resume with the same total to keep them.) ``time_limit``
-    (seconds) ends the run early, after a checkpoint. Returns the history
-    {"iteration": [...], "loss": [...], "cls": [...], "box": [...], "lr": [...]}.
+    the iteration count all come back, so the run goes on as if never stopped. A different
+    schedule (lr, batch size, iterations, warm-up, milestones) is refused with CheckpointError
+    unless ``allow_changes``, which records it in the checkpoint's meta["changes"]. Without
+    ``resume``, the initial weights are checkpointed first (iteration 0), so a run always has one.
+    ``time_limit`` (seconds) ends the run early, after a checkpoint. Divergence raises
+    TrainingDiverged and Ctrl-C raises TrainingInterrupted, both after leaving the last step that
+    passed the checks on disk. Returns the history {"iteration": [...], "loss": [...], "cls":
+    [...], "box": [...], "lr": [...], "seconds": [...], "images_seen": [...]} (one entry per step;
+    images_seen counts every image trained on up to and including that step).
     """
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "checkpoint.npz")
-    optimizer = SGD(detector.named_parameters(), config.lr, config.momentum, config.weight_decay)
+    if os.path.exists(f"{path}.tmp"):  # a write killed before its rename: the .npz is whole
+        os.remove(f"{path}.tmp")
+        log(f"removed {path}.tmp, left by a checkpoint write that was killed; {path} was not touched")
+    peak_lr = config.peak_lr()
+    optimizer = SGD(detector.named_parameters(), peak_lr, config.momentum, config.weight_decay)
     rng = default_rng(config.seed)
-    history = {"iteration": [], "loss": [], "cls": [], "box": [], "lr": [], "seconds": []}
-    start_iteration = 0
+    history = {"iteration": [], "loss": [], "cls": [], "box": [], "lr": [], "seconds": [],
+               "images_seen": []}
+    start_iteration, images_seen, changes = 0, 0, []
     if resume:
         ckpt = load_checkpoint(path)
         check_same_config(ckpt["meta"]["detector_config"], detector, path)
+        check_arrays_match(ckpt, detector, path)
+        meta = ckpt["meta"]
+        start_iteration = meta["iteration"]
+        changed = schedule_changes(meta["train_config"], config)
+        if changed and not allow_changes:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with another schedule: "
+                + "; ".join(f"{k}: checkpoint {_fmt(a)}, now {_fmt(b)}" for k, (a, b) in changed.items())
+                + "; resume with the same values, or allow the change explicitly (--allow-changes)")
         detector.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optim"])
-        rng.bit_generator.state = ckpt["meta"]["rng_state"]
-        history = ckpt["meta"]["history"]
-        start_iteration = ckpt["meta"]["iteration"]
+        rng.bit_generator.state = meta["rng_state"]
+        history = meta["history"]
+        old_batch = TrainConfig.from_dict(meta["train_config"]).batch_size
+        history.setdefault("images_seen", [i * old_batch for i in history["iteration"]])  # older files
+        images_seen = meta.get("images_seen", start_iteration * old_batch)
+        changes = meta.get("changes", [])
+        if changed:
+            changes.append({"at_iteration": start_iteration, "changed": changed})
+            log(f"resuming with changes at iteration {start_iteration}: " + "; ".join(
+                f"{k} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items()))
         log(f"resumed from {path} at iteration {start_iteration}")
     scenes = DigitScenes("train", n=10 ** 9, seed=config.seed, config=config.scene_config())
     backend = detector.backend
@@ -136,54 +259,87 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
     def checkpoint(iteration):
         save_checkpoint(path, detector, optimizer, {
             "detector_config": detector.config.to_dict(), "train_config": asdict(config),
-            "iteration": iteration, "rng_state": rng.bit_generator.state, "history": history})
+            "peak_lr": peak_lr, "iteration": iteration, "images_seen": images_seen,
+            "rng_state": rng.bit_generator.state, "history": history, "changes": changes})
+        return iteration
 
+    def diverged(what, iteration, lr):
+        return TrainingDiverged(
+            f"{what} at iteration {iteration} (lr {lr:g}); training stopped and the last good "
+            f"checkpoint, {path} (iteration {saved}), was left as it was. Try a smaller --lr or a "
+            f"longer --warmup.")
+
+    saved = start_iteration if resume else checkpoint(0)
+    norm = weight_norms(detector)[0]
+    done = start_iteration  # steps completed and checked: the state in memory is theirs
+    # the state of step `done` that a Ctrl-C in the middle of the next step rolls back to
+    rng_state, stats = rng.bit_generator.state, {k: b.copy() for k, b in detector.named_buffers()}
+    updating = False  # True while optimizer.step() has written some weights but not all
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=config.iterations, initial=start_iteration, unit="it",
                    desc=f"train {detector.config.setting}", mininterval=1.0)
     began = time.perf_counter()
-    iteration = start_iteration
     try:
         for iteration in range(start_iteration, config.iterations):
-            lr = learning_rate(iteration, config.lr, config.iterations, config.warmup,
+            lr = learning_rate(iteration, peak_lr, config.iterations, config.warmup,
                                milestones=config.milestones)
             optimizer.lr = lr
-            first = iteration * config.batch_size
-            images, boxes, labels = scenes.batch(range(first, first + config.batch_size))
+            images, boxes, labels = scenes.batch(range(images_seen, images_seen + config.batch_size))
             tick = time.perf_counter()
             loss, parts = detector.loss(to_device(images, backend), boxes, labels, rng)
             if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"the loss became {loss} at iteration {iteration} (lr {lr:g}); training "
-                    f"stopped and the last good checkpoint, {path}, was left as it was. "
-                    f"Try a smaller --lr or a longer --warmup.")
+                raise diverged(f"the loss became {loss}", iteration, lr)
+            recent = history["loss"][-LOSS_WINDOW:]
+            if len(recent) >= LOSS_MIN_HISTORY and loss > LOSS_EXPLOSION * float(np.median(recent)):
+                raise diverged(f"the loss exploded to {loss:.3g}, over {LOSS_EXPLOSION:g}x its median "
+                               f"{float(np.median(recent)):.3g} over the last {len(recent)} steps",
+                               iteration, lr)
             optimizer.zero_grad()
             detector.backward()
+            updating = True
             optimizer.step()
-            if not all(bool(get_array_module(p.data).isfinite(p.data).all())
-                       for p in optimizer.params.values()):
-                raise TrainingDiverged(
-                    f"a weight became NaN or infinite at iteration {iteration} (lr {lr:g}); "
-                    f"training stopped and the last good checkpoint, {path}, was left as it "
-                    f"was. Try a smaller --lr or a longer --warmup.")
+            updating = False
+            new_norm, stats_norm = weight_norms(detector)  # the step's one batched finite check
+            if not (math.isfinite(new_norm) and math.isfinite(stats_norm)):
+                raise diverged("a weight became NaN or infinite", iteration, lr)
+            if new_norm > NORM_JUMP * norm > 0:
+                raise diverged(f"the weight norm jumped from {norm:.3g} to {new_norm:.3g} "
+                               f"({new_norm / norm:.0f}x) in one step", iteration, lr)
+            norm = new_norm
             for key, value in (("iteration", iteration + 1), ("loss", loss), ("cls", parts["cls"]),
                                ("box", parts["box"]), ("lr", lr),
-                               ("seconds", time.perf_counter() - tick)):
+                               ("seconds", time.perf_counter() - tick),
+                               ("images_seen", images_seen + config.batch_size)):
                 history[key].append(value)
+            images_seen += config.batch_size
+            rng_state, stats = rng.bit_generator.state, {k: b.copy() for k, b in detector.named_buffers()}
+            done = iteration + 1  # the step is complete: from here on a Ctrl-C keeps it
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False,
                                 img_s=f"{config.batch_size / history['seconds'][-1]:.1f}")
-            done = iteration + 1
             if done % config.checkpoint_every == 0 or done == config.iterations:
-                checkpoint(done)
+                saved = checkpoint(done)
             if time_limit is not None and time.perf_counter() - began > time_limit:
-                if done % config.checkpoint_every:
-                    checkpoint(done)
+                if saved != done:
+                    saved = checkpoint(done)
                 log(f"time limit of {time_limit:.0f} s reached after {done} iterations")
                 break
+    except KeyboardInterrupt:
+        if updating:  # some weights are of the next step, some not: only the file on disk is whole
+            raise TrainingInterrupted(saved, path) from None
+        if done != saved:
+            # undo whatever the interrupted step already did, then keep step `done`
+            keep = sum(i <= done for i in history["iteration"])
+            for values in history.values():
+                del values[keep:]
+            images_seen = history["images_seen"][-1] if history["images_seen"] else 0
+            rng.bit_generator.state = rng_state
+            detector.load_state_dict({k: to_numpy(b) for k, b in stats.items()}, strict=False)
+            saved = checkpoint(done)
+        raise TrainingInterrupted(saved, path) from None
     finally:
         if bar is not None:
             bar.close()
@@ -207,6 +363,7 @@ def evaluate_detector(detector: Detector, split: str = "test", n: int = 300, bat
     return metrics, detections, truths
 
 
-__all__ = ["CheckpointError", "TrainConfig", "TrainingDiverged", "check_same_config",
-           "detector_from_checkpoint", "evaluate_detector", "load_checkpoint", "save_checkpoint",
-           "train"]
+__all__ = ["BASE_BATCH", "BASE_LR", "CheckpointError", "TrainConfig", "TrainingDiverged",
+           "TrainingInterrupted", "check_arrays_match", "check_same_config", "detector_from_checkpoint",
+           "evaluate_detector", "load_checkpoint", "save_checkpoint", "schedule_changes", "train",
+           "weight_norms"]
