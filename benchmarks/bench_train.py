@@ -33,7 +33,11 @@ def torch_twin(det, torch):
     class Block(nn.Module):
         def __init__(self, b):
             super().__init__()
-            conv = lambda c: nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=False)  # noqa: E731
+
+            def conv(c):
+                return nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding,
+                                 bias=False)
+
             self.conv1, self.bn1 = conv(b.conv1), nn.BatchNorm2d(b.conv1.out_channels)
             self.conv2, self.bn2 = conv(b.conv2), nn.BatchNorm2d(b.conv2.out_channels)
             self.downsample = None
@@ -49,10 +53,12 @@ def torch_twin(det, torch):
         def __init__(self):
             super().__init__()
             bb = det.backbone
-            self.conv1 = nn.Conv2d(bb.in_channels, bb.widths[0], bb.conv1.kernel_size, 2, bb.conv1.padding, bias=False)
+            self.conv1 = nn.Conv2d(bb.in_channels, bb.widths[0], bb.conv1.kernel_size, 2, bb.conv1.padding,
+                                   bias=False)
             self.bn1 = nn.BatchNorm2d(bb.widths[0])
             self.layers = nn.ModuleList([nn.Sequential(*[Block(b) for b in stage]) for stage in bb.stages])
-            self.fpn = FeaturePyramidNetwork(list(bb.widths), det.config.channels, extra_blocks=LastLevelMaxPool())
+            self.fpn = FeaturePyramidNetwork(list(bb.widths), det.config.channels,
+                                             extra_blocks=LastLevelMaxPool())
             h = det.head
             self.conv = nn.Conv2d(h.conv.in_channels, h.conv.out_channels, 3, padding=1)
             self.cls = nn.Conv2d(h.conv.out_channels, h.cls_logits.out_channels, 1)
