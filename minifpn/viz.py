@@ -74,7 +74,10 @@ def show_image_with_boxes(ax, image, boxes=(), labels=(), color="lime", scores=N
         if image.ndim == 3:
             image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
         ax.imshow(image, cmap="gray", interpolation="nearest")
-    boxes = to_numpy(np.asarray(boxes)).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+    # to the host first: np.asarray on a CuPy array is refused (and would copy it implicitly)
+    boxes = to_numpy(boxes).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+    labels = to_numpy(labels).reshape(-1) if len(labels) else ()
+    scores = None if scores is None else to_numpy(scores).reshape(-1)
     for i, (x1, y1, x2, y2) in enumerate(boxes):
         # box edges are pixel edges; imshow puts pixel c's centre at c, so its edges at c -+ 0.5
         ax.add_patch(patches.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False,
@@ -125,9 +128,9 @@ def plot_detections(images, detections, truths=None, columns: int = 4, min_score
         true_boxes = truths[i]["boxes"] if truths is not None else ()
         show_image_with_boxes(ax, images[i], true_boxes, color="lime")
         d = detections[i]
-        keep = np.asarray(d["scores"]) >= min_score
-        show_image_with_boxes(ax, None, np.asarray(d["boxes"])[keep],
-                              np.asarray(d["labels"])[keep], color="red",
-                              scores=np.asarray(d["scores"])[keep], draw_image=False)
+        scores = to_numpy(d["scores"])
+        keep = scores >= min_score
+        show_image_with_boxes(ax, None, to_numpy(d["boxes"])[keep], to_numpy(d["labels"])[keep],
+                              color="red", scores=scores[keep], draw_image=False)
     fig.tight_layout()
     return fig
