@@ -21,8 +21,9 @@ def integer(value, name: str, op: str, minimum: int) -> int:
     return int(value)
 
 
-def pair(value, name: str, op: str, minimum: int) -> tuple[int, int]:
-    """Return ``(value, value)`` for an int, or the pair itself, checking each is >= ``minimum``.
+def pair(value, name: str, op: str, minimum: int | None) -> tuple[int, int]:
+    """Return ``(value, value)`` for an int, or the pair itself, checking each is >= ``minimum``
+    (None: the caller checks the range itself).
 
     NumPy integer scalars count as ints; bools, floats and strings do not. Returns Python ints.
     """
@@ -37,9 +38,16 @@ def pair(value, name: str, op: str, minimum: int) -> tuple[int, int]:
     if isinstance(given, str) or len(value) != 2 or not all(is_int(v) for v in value):
         raise ValueError(message)
     value = (int(value[0]), int(value[1]))
-    if min(value) < minimum:
+    if minimum is not None and min(value) < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value!r}")
     return value
+
+
+def int_or_pair(value, name: str, op: str, minimum: int):
+    """As ``pair``, but an int stays one int: how layers keep ``stride=2`` readable in repr."""
+    if is_int(value):
+        return integer(value, name, op, minimum)
+    return pair(value, name, op, minimum)
 
 
 def check_nchw(x, op: str, name: str = "input") -> None:

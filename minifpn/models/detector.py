@@ -20,6 +20,7 @@ from .. import functional as F
 from ..backend import DEFAULT_DTYPE, backend_name, default_rng, get_array_module, to_device, to_numpy
 from ..detection.anchors import grid_anchors, match_anchors, sample_anchors
 from ..detection.boxes import batched_nms, clip_boxes, decode, encode
+from ..functional._checks import integer, is_int
 from ..nn import Module
 from .fpn import FPN
 from .head import DetectionHead
@@ -68,8 +69,15 @@ class DetectorConfig:
         if self.setting not in SETTINGS:
             raise ValueError(f"setting must be one of {list(SETTINGS)} or a Table 1 letter "
                              f"{list(TABLE1)}, got {self.setting!r}")
-        self.widths, self.blocks = tuple(self.widths), tuple(self.blocks)
-        self.anchor_sizes, self.aspect_ratios = tuple(self.anchor_sizes), tuple(self.aspect_ratios)
+        # NumPy integer scalars become Python ints (the config is saved as JSON); bools and
+        # floats such as 2.5 are refused, with the field's name
+        for name in ("num_classes", "in_channels", "stem_kernel", "channels", "anchors_per_image"):
+            setattr(self, name, integer(getattr(self, name), name, "DetectorConfig", 1))
+        self.seed = integer(self.seed, "seed", "DetectorConfig", 0)
+        self.widths = tuple(integer(w, "each of widths", "DetectorConfig", 1) for w in self.widths)
+        self.blocks = tuple(integer(b, "each of blocks", "DetectorConfig", 1) for b in self.blocks)
+        self.anchor_sizes = tuple(int(s) if is_int(s) else s for s in self.anchor_sizes)
+        self.aspect_ratios = tuple(self.aspect_ratios)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,10 +123,12 @@ class Detector(Module):
         self.head = DetectionHead(head_in, c.channels, self.num_anchors, c.num_classes, dtype,
                                   c.seed + 2)
         self._anchor_cache = {}
+        self._loss_cache = None  # set by loss, used by backward
 
     # ---- features: the part of the network that differs between settings --------------
     def features(self, images):
         """images (N, in_channels, H, W) -> the maps the head runs on, finest first."""
+        self._check_images(images)  # shape, sides, and no NaN or infinity, in every setting
         c2_to_c5 = self.backbone(images)
         if self.config.setting == "c4":
             return [c2_to_c5[2]]
@@ -146,7 +156,6 @@ class Detector(Module):
     def _head_outputs(self, images):
         """Run everything up to the head; flatten its outputs to one row per anchor.
         Returns logits (N, T, K+1), deltas (N, T, 4), per-level anchors, per-level sizes."""
-        self._check_images(images)
         maps = self.features(images)
         logits_l, deltas_l = self.head(maps)
         sizes = [m.shape[2:] for m in maps]
@@ -167,6 +176,10 @@ class Detector(Module):
             loss = sum CE(sampled) / n + sum SmoothL1(positive deltas) / n,
         n = the number of sampled anchors (or of positives, with normalize_by="positives").
         """
+        self._check_images(images, values=False)  # the shape, before unpacking it
+        if images.shape[0] == 0:
+            raise ValueError("Detector.loss: the batch is empty (N = 0 images); a loss needs at "
+                             "least one image")
         rng = default_rng() if rng is None else rng
         N, _, H, W = images.shape
         if self.config.num_classes == 1:  # the paper's RPN: every digit is just "an object"
@@ -212,7 +225,7 @@ class Detector(Module):
     def backward(self):
         """Backpropagate the last ``loss`` into every parameter's ``.grad``; returns d images."""
         logits_shape, deltas_shape, cls_index, box_index, cls_cache, box_cache, sizes = \
-            self._loss_cache
+            self._need_cache(self._loss_cache, "loss")
         xp = get_array_module(cls_index)
         dtype = self.head.conv.weight.data.dtype
         d_logits = xp.zeros((logits_shape[0] * logits_shape[1], logits_shape[2]), dtype=dtype)
@@ -237,7 +250,11 @@ class Detector(Module):
         labels (D,) int64 (digits 0..9). Per level, the top_k (anchor, class) pairs above
         score_threshold are decoded and clipped; then NMS per class and the best
         max_detections. The score of class k is softmax p(k); with K = 1 this is the RPN's
-        objectness, 1 - p(background)."""
+        objectness, 1 - p(background). An empty batch (N = 0) gives an empty list."""
+        self._check_images(images, values=False)
+        self._loss_cache = None  # predict overwrites the layers' caches: no backward of an old loss
+        if images.shape[0] == 0:
+            return []
         was_training = self.training
         self.eval()
         try:
@@ -279,7 +296,9 @@ class Detector(Module):
         return results
 
     # ---- input checks -------------------------------------------------------------------------
-    def _check_images(self, images):
+    def _check_images(self, images, values: bool = True):
+        """Shape (N, in_channels, H, W) with H, W multiples of 32; with ``values``, also no NaN
+        or infinity (one device-to-host sync; the count and place only on failure)."""
         c = self.config.in_channels
         if getattr(images, "ndim", None) != 4 or images.shape[1] != c:
             raise ValueError(f"Detector: expected images of shape (N, {c}, H, W), "
@@ -289,14 +308,26 @@ class Detector(Module):
             raise ValueError(f"Detector: image sides must be multiples of {TOP_STRIDE} (the stride "
                              f"of C5), got {H}x{W}; pad them with minifpn.models.detector."
                              f"pad_images(images), which adds zeros at the bottom and right")
+        if values and not bool(get_array_module(images).isfinite(images).all()):
+            bad = ~np.isfinite(to_numpy(images))
+            n, channel, row, column = (int(i) for i in np.argwhere(bad)[0])
+            what, where = "pixels", f"image {n}, row {row}, column {column}"
+            if c > 1:
+                what, where = "pixel values", f"image {n}, channel {channel}, row {row}, column {column}"
+            raise ValueError(f"Detector: images contain NaN or infinite values ({int(bad.sum())} of "
+                             f"{bad.size} {what}, first at {where})")
 
     def _check_targets(self, boxes, labels, N, H, W):
         if len(boxes) != N or len(labels) != N:
             raise ValueError(f"Detector.loss: expected boxes and labels for each of the {N} "
                              f"images, got {len(boxes)} and {len(labels)}")
         for n in range(N):
-            b = np.asarray(boxes[n], np.float64).reshape(-1, 4)
-            lab = np.asarray(labels[n]).reshape(-1)
+            b = to_numpy(boxes[n]).astype(np.float64).reshape(-1, 4)
+            lab = to_numpy(labels[n]).reshape(-1)
+            if lab.size and lab.dtype.kind not in "iu":  # an empty list is float64: allowed
+                raise ValueError(f"Detector.loss: labels of image {n} must be integers (class "
+                                 f"indices), got dtype {lab.dtype} {lab.tolist()}; float labels "
+                                 f"are refused even when whole (1.0): use an int array")
             if len(b) != len(lab):
                 raise ValueError(f"Detector.loss: image {n} has {len(b)} boxes but "
                                  f"{len(lab)} labels")

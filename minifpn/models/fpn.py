@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .. import functional as F
 from ..backend import DEFAULT_DTYPE, default_rng, get_array_module
+from ..functional._checks import integer
 from ..nn import Conv2d, Module, ModuleList
 
 VARIANTS = {
@@ -34,6 +35,7 @@ class LastLevelP6P7(Module):
         self.p6 = Conv2d(in_channels, out_channels, 3, 2, 1, dtype=dtype, rng=rng)
         self.p7 = Conv2d(out_channels, out_channels, 3, 2, 1, dtype=dtype, rng=rng)
         self.use_P5 = in_channels == out_channels  # torchvision's rule
+        self.relu_cache = None  # set by forward, used by backward
 
     def forward(self, x):
         p6 = self.p6(x)
@@ -42,6 +44,7 @@ class LastLevelP6P7(Module):
 
     def backward(self, dp6, dp7):
         """Returns the gradient of x (P5 or C5); dp6 or dp7 may be None."""
+        self._need_cache(self.relu_cache)
         if dp7 is not None:  # P6 feeds P7 too: its gradient gets P7's share
             dp6 = _plus(dp6, F.relu_backward(self.p7.backward(dp7), self.relu_cache))
         return self.p6.backward(dp6)
@@ -73,7 +76,9 @@ class FPN(Module):
         if variant == "p2_only" and extra_block is not None:
             raise ValueError("FPN: variant 'p2_only' predicts from P2 alone; use extra_block=None")
         rng = default_rng(seed)
-        self.in_channels_list = list(in_channels_list)
+        in_channels_list = [integer(c, "each of in_channels_list", "FPN", 1) for c in in_channels_list]
+        out_channels = integer(out_channels, "out_channels", "FPN", 1)
+        self.in_channels_list = in_channels_list
         self.out_channels, self.extra_block, self.fuse, self.variant = (
             out_channels, extra_block, fuse, variant)
         self.levels = [k + 2 for k in range(len(self.in_channels_list))]  # 2, 3, 4, 5
@@ -90,6 +95,7 @@ class FPN(Module):
             self.extra_blocks = LastLevelP6P7(p6_in, out_channels, dtype, rng)
         self.trace = trace
         self.maps, self.grads = {}, {}
+        self.upsample_caches = self.extra_cache = None  # set by forward, used by backward
 
     # ---- the names of what comes out ----------------------------------------------------
     @property
@@ -165,6 +171,7 @@ class FPN(Module):
     def backward(self, grads):
         """grads: one dPk per output (an entry may be None). Returns [dC2, dC3, dC4, dC5]
         (None for a level that no gradient reaches)."""
+        self._need_cache(self.upsample_caches)  # a list after any forward
         if len(grads) != len(self.output_names):
             raise ValueError(f"FPN.backward: expected {len(self.output_names)} gradients for "
                              f"{self.output_names}, got {len(grads)}")

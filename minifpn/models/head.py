@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .. import functional as F
 from ..backend import DEFAULT_DTYPE, default_rng
+from ..functional._checks import integer
 from ..nn import Conv2d, Module, init
 
 
@@ -23,12 +24,15 @@ class DetectionHead(Module):
     def __init__(self, in_channels, channels, num_anchors, num_classes, dtype=DEFAULT_DTYPE, seed=0):
         super().__init__()
         rng = default_rng(seed)
+        num_anchors = integer(num_anchors, "num_anchors", "DetectionHead", 1)
+        num_classes = integer(num_classes, "num_classes", "DetectionHead", 1)
         self.num_anchors, self.num_classes = num_anchors, num_classes
         self.conv = Conv2d(in_channels, channels, 3, padding=1, dtype=dtype, rng=rng)
         self.cls_logits = Conv2d(channels, num_anchors * (num_classes + 1), 1, dtype=dtype, rng=rng)
         self.bbox_pred = Conv2d(channels, num_anchors * 4, 1, dtype=dtype, rng=rng)
         for conv in (self.conv, self.cls_logits, self.bbox_pred):  # torchvision's RPNHead init
             init.normal_(conv.weight, 0.01, rng)
+        self.caches = None  # one per level, set by forward, used by backward
 
     def _params(self, conv):
         return conv.weight.data, conv.bias.data
@@ -49,9 +53,10 @@ class DetectionHead(Module):
 
     def backward(self, d_logits, d_deltas):
         """Per-level gradients of logits and deltas -> per-level gradients of the features."""
+        caches = self._need_cache(self.caches)
         d_features = []
         for d_l, d_d, (conv_cache, relu_cache, cls_cache, box_cache) in zip(
-                d_logits, d_deltas, self.caches):
+                d_logits, d_deltas, caches):
             dh_cls, dw, db = F.conv2d_backward(d_l, cls_cache)
             self.cls_logits.weight.grad += dw  # shared weights: every level adds its share
             self.cls_logits.bias.grad += db

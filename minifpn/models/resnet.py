@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .. import functional as F
 from ..backend import DEFAULT_DTYPE, default_rng
+from ..functional._checks import integer
 from ..nn import BatchNorm2d, Conv2d, MaxPool2d, Module, Sequential, init
 
 
@@ -31,6 +32,7 @@ class BasicBlock(Module):
             self.downsample = Sequential(
                 Conv2d(in_channels, out_channels, 1, stride, bias=False, dtype=dtype, rng=rng),
                 BatchNorm2d(out_channels, dtype=dtype))
+        self.relu1_cache = self.relu2_cache = None  # set by forward, used by backward
 
     def forward(self, x):
         h, self.relu1_cache = F.relu(self.bn1(self.conv1(x)))
@@ -40,7 +42,7 @@ class BasicBlock(Module):
         return out
 
     def backward(self, dout):
-        d = F.relu_backward(dout, self.relu2_cache)
+        d = F.relu_backward(dout, self._need_cache(self.relu2_cache))
         d_main, d_shortcut = F.add_backward(d)  # the residual add sends d down both paths
         d_main = self.conv2.backward(self.bn2.backward(d_main))
         d_main = self.conv1.backward(self.bn1.backward(F.relu_backward(d_main, self.relu1_cache)))
@@ -62,7 +64,14 @@ class ResNet(Module):
                  stem_kernel=7, dtype=DEFAULT_DTYPE, seed=0):
         super().__init__()
         rng = default_rng(seed)
-        self.widths, self.blocks, self.in_channels = tuple(widths), tuple(blocks), in_channels
+        if len(widths) != 4 or len(blocks) != 4:
+            raise ValueError(f"ResNet: widths and blocks need one entry per stage (4 each), got "
+                             f"{len(widths)} widths and {len(blocks)} blocks")
+        widths = tuple(integer(w, "each width", "ResNet", 1) for w in widths)
+        blocks = tuple(integer(b, "each block count", "ResNet", 1) for b in blocks)
+        in_channels = integer(in_channels, "in_channels", "ResNet", 1)
+        stem_kernel = integer(stem_kernel, "stem_kernel", "ResNet", 1)
+        self.widths, self.blocks, self.in_channels = widths, blocks, in_channels
         self.conv1 = Conv2d(in_channels, widths[0], stem_kernel, 2, stem_kernel // 2, bias=False,
                             dtype=dtype, rng=rng)
         self.bn1 = BatchNorm2d(widths[0], dtype=dtype)
@@ -79,6 +88,7 @@ class ResNet(Module):
             if isinstance(m, Conv2d):
                 init.he_normal_(m.weight, rng)
         self.out_channels = list(widths)
+        self.stem_relu_cache = None  # set by forward, used by backward
 
     @property
     def stages(self):
@@ -102,6 +112,7 @@ class ResNet(Module):
         Walks the stages in reverse. C_k feeds both the FPN (dC_k) and the next stage, so its
         gradient is the sum of the two. Returns dx: (N, in_channels, H, W).
         """
+        self._need_cache(self.stem_relu_cache)
         if len(grads) != 4:
             raise ValueError(f"ResNet.backward: expected 4 gradients [dC2, dC3, dC4, dC5], "
                              f"got {len(grads)}")

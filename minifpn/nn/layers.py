@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import functional as F
 from ..backend import DEFAULT_DTYPE, default_rng, get_backend
+from ..functional._checks import int_or_pair, integer, pair
 from . import init
 from .module import Module, Parameter
 
@@ -17,7 +18,12 @@ class Conv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  dtype=DEFAULT_DTYPE, rng=None):
         super().__init__()
-        KH, KW = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        # NumPy integer scalars are ints here; bools and floats are refused, with the name
+        in_channels = integer(in_channels, "in_channels", "Conv2d", 1)
+        out_channels = integer(out_channels, "out_channels", "Conv2d", 1)
+        KH, KW = pair(kernel_size, "kernel_size", "Conv2d", 1)
+        stride = int_or_pair(stride, "stride", "Conv2d", 1)
+        padding = int_or_pair(padding, "padding", "Conv2d", 0)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (KH, KW), stride, padding
         xp = get_backend("numpy")
@@ -32,7 +38,7 @@ class Conv2d(Module):
         return out
 
     def backward(self, dout):
-        dx, dweight, dbias = F.conv2d_backward(dout, self.cache)
+        dx, dweight, dbias = F.conv2d_backward(dout, self._need_cache(self.cache))
         self.weight.grad += dweight
         if self.bias is not None:
             self.bias.grad += dbias
@@ -53,6 +59,7 @@ class BatchNorm2d(Module):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=DEFAULT_DTYPE):
         super().__init__()
         xp = get_backend("numpy")
+        num_features = integer(num_features, "num_features", "BatchNorm2d", 1)
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.weight = Parameter(xp.ones((num_features,), dtype=dtype))
         self.bias = Parameter(xp.zeros((num_features,), dtype=dtype))
@@ -69,7 +76,7 @@ class BatchNorm2d(Module):
         return out
 
     def backward(self, dout):
-        dx, dgamma, dbeta = F.batch_norm_backward(dout, self.cache)
+        dx, dgamma, dbeta = F.batch_norm_backward(dout, self._need_cache(self.cache))
         self.weight.grad += dgamma
         self.bias.grad += dbeta
         return dx
@@ -81,12 +88,16 @@ class BatchNorm2d(Module):
 class ReLU(Module):
     """max(x, 0), element-wise; any shape."""
 
+    def __init__(self):
+        super().__init__()
+        self.cache = None
+
     def forward(self, x):
         out, self.cache = F.relu(x)
         return out
 
     def backward(self, dout):
-        return F.relu_backward(dout, self.cache)
+        return F.relu_backward(dout, self._need_cache(self.cache))
 
 
 class MaxPool2d(Module):
@@ -94,14 +105,18 @@ class MaxPool2d(Module):
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
+        kernel_size = int_or_pair(kernel_size, "kernel_size", "MaxPool2d", 1)
+        stride = None if stride is None else int_or_pair(stride, "stride", "MaxPool2d", 1)
+        padding = int_or_pair(padding, "padding", "MaxPool2d", 0)
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.cache = None
 
     def forward(self, x):
         out, self.cache = F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
         return out
 
     def backward(self, dout):
-        return F.max_pool2d_backward(dout, self.cache)
+        return F.max_pool2d_backward(dout, self._need_cache(self.cache))
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -113,7 +128,8 @@ class Upsample(Module):
 
     def __init__(self, scale_factor: int = 2):
         super().__init__()
-        self.scale_factor = scale_factor
+        self.scale_factor = integer(scale_factor, "scale_factor", "Upsample", 1)
+        self.cache = None
 
     def forward(self, x, size=None):
         if size is None:
@@ -122,7 +138,7 @@ class Upsample(Module):
         return out
 
     def backward(self, dout):
-        return F.upsample_nearest_backward(dout, self.cache)
+        return F.upsample_nearest_backward(dout, self._need_cache(self.cache))
 
     def extra_repr(self):
         return f"scale_factor={self.scale_factor}, mode='nearest'"

@@ -9,6 +9,10 @@ from __future__ import annotations
 from ..backend import backend_name, get_array_module, to_device, to_numpy
 
 
+class BackwardBeforeForward(RuntimeError):
+    """``backward`` was called on a module whose ``forward`` has not run: there is no cache."""
+
+
 class Parameter:
     """A trainable array ``data`` and the gradient ``grad`` accumulated for it (same shape)."""
 
@@ -47,6 +51,19 @@ class Module:
 
     def backward(self, dout):
         raise NotImplementedError(f"{type(self).__name__} has no backward")
+
+    def _need_cache(self, cache, forward: str = "forward"):
+        """Return ``cache``; if it is None (``forward`` never ran), raise BackwardBeforeForward.
+
+        Every module sets its caches to None in ``__init__``, so a backward before any forward
+        fails here with words, not with an AttributeError deep inside.
+        """
+        if cache is None:
+            name = type(self).__name__
+            raise BackwardBeforeForward(
+                f"{name}.backward called before {forward}: run {forward} first (each backward "
+                f"uses the cache of the last {forward})")
+        return cache
 
     # ---- the tree of modules ------------------------------------------------------------
     def register_buffer(self, name: str, value) -> None:
@@ -221,13 +238,16 @@ class Sequential(ModuleList):
 
     def __init__(self, *modules):
         super().__init__(modules)
+        self._input_shape = None  # set by forward; backward checks that forward ran
 
     def forward(self, x):
+        self._input_shape = tuple(x.shape)
         for m in self:
             x = m(x)
         return x
 
     def backward(self, dout):
+        self._need_cache(self._input_shape)
         for m in reversed(list(self)):
             dout = m.backward(dout)
         return dout
