@@ -182,6 +182,8 @@ class Detector(Module):
                              "least one image")
         rng = default_rng() if rng is None else rng
         N, _, H, W = images.shape
+        # targets may arrive on the device; the anchor bookkeeping below is host code
+        boxes, labels = [to_numpy(b) for b in boxes], [to_numpy(lab) for lab in labels]
         if self.config.num_classes == 1:  # the paper's RPN: every digit is just "an object"
             labels = [np.zeros(len(np.asarray(b).reshape(-1, 4)), np.int64) for b in boxes]
         self._check_targets(boxes, labels, N, H, W)
@@ -219,7 +221,8 @@ class Detector(Module):
                                           normalizer=normalizer)
         self._loss_cache = (logits.shape, deltas.shape, cls_index, box_index, cls_cache,
                             box_cache, sizes)
-        parts = {"cls": float(loss_cls), "box": float(loss_box)}
+        both = to_numpy(get_array_module(logits).stack([loss_cls, loss_box]))  # one device read
+        parts = {"cls": float(both[0]), "box": float(both[1])}
         return parts["cls"] + parts["box"], parts
 
     def backward(self):
