@@ -1,24 +1,265 @@
-"""The ``minifpn`` command. Run ``minifpn --help`` for the list of jobs."""
+"""The ``minifpn`` command. Run ``minifpn --help`` for the list of jobs.
+
+Every option is checked before any work starts: a bad value ends the command with one line in
+argparse's style (``minifpn train: error: --lr must be a positive finite number, got -0.05``)
+and exit status 2, before a folder is made or a weight is drawn."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
+import re
+import shlex
 import sys
+import tempfile
 import time
 
-from .models.detector import DetectorConfig
+from .models.detector import SETTINGS, TABLE1, DetectorConfig
 
 DEFAULTS = DetectorConfig()
 DEMO_ITERATIONS = 1600  # about 245 s on 2 cores; the schedule's decays land inside the run
-DEMO_TIME_LIMIT = 255  # seconds of training at most, so that the demo ends within 5 minutes
+DEMO_TIME_LIMIT = 255  # a guard, in seconds: the demo trains DEMO_ITERATIONS steps unless it fires
+EVAL_SCENES = 300  # test scenes evaluated after training, and by `minifpn evaluate`
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's status for a command stopped by Ctrl-C
+
+
+# ---- option types: each turns the text of one option into a value, or says what it expected ----
+
+def positive_int(text: str) -> int:
+    """A count (iterations, batch size, channels, ...): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """A seed or a number of warm-up steps: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan  # every check below refuses NaN, and so names the text as given
+
+
+def positive_float(text: str) -> float:
+    """A learning rate: a finite number > 0."""
+    value = _number(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A time limit: seconds >= 0, where 0 means no limit."""
+    value = _number(text)
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (0: no limit), got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share, such as the positives among sampled anchors: in (0, 1]."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
+def iou(text: str) -> float:
+    """The IoU at or above which an anchor is an object: in (0, 1]."""
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be an IoU in (0, 1], got {text}")
+    return value
+
+
+def negative_iou(text: str) -> float:
+    """The IoU below which an anchor is background: in [0, 1), since IoU 0 is never below it."""
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be an IoU in [0, 1), got {text}")
+    return value
+
+
+def widths_list(text: str) -> tuple:
+    """ResNet stage widths "W2,W3,W4,W5" -> (W2, W3, W4, W5), four positive integers."""
+    parts = text.split(",")
+    try:
+        widths = tuple(int(p) for p in parts)
+    except ValueError:
+        widths = ()
+    if len(widths) != 4 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be 4 positive integers separated by commas (W2,W3,W4,W5), got {text}")
+    return widths
+
+
+_SETTING_NAMES = f"{', '.join(SETTINGS)} or a Table 1 letter a-f"
+
+
+def setting_name(text: str) -> str:
+    """A Table 1 setting, by name (fpn) or letter (c) -> its name."""
+    name = TABLE1.get(text.strip(), text.strip())
+    if name not in SETTINGS:
+        raise argparse.ArgumentTypeError(f"must be one of {_SETTING_NAMES}, got {text}")
+    return name
+
+
+def settings_list(text: str) -> list:
+    """Table 1 settings "a,b,c" -> their names, in the order given."""
+    parts = [p.strip() for p in text.split(",")]
+    unknown = [p for p in parts if TABLE1.get(p, p) not in SETTINGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"must be Table 1 settings separated by commas ({_SETTING_NAMES}), got {text}: "
+            f"unknown {', '.join(repr(p) for p in unknown)}")
+    return [TABLE1.get(p, p) for p in parts]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every error on one line: ``minifpn train: error: --lr must be ...``."""
+
+    def error(self, message):
+        # argparse words a type error "argument --lr: must be ..."; ours read "--lr must be ..."
+        message = re.sub(r"^argument (-[-\w]+)(?:/-[-\w]+)*: (?=must )", r"\1 ", message)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in --help; options whose default is None say in their help what it means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _unwritable(folder: str) -> str | None:
+    """Why run outputs cannot go to ``folder`` (made if missing), or None if they can. Nothing
+    is created: the check looks at the nearest folder that exists and writes a temporary file."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    try:  # os.access can say yes where a write fails (read-only mounts, some ACLs)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        return f"{probe} is not writable ({e.strerror})"
+    return None
+
+
+def _run_dir(args) -> str:
+    """Where a training job writes: RUNS/NAME (train: RUNS/SETTING without --name)."""
+    name = args.name or (args.setting if args.job == "train" else "")
+    return os.path.join(args.runs, name)
+
+
+def validate(args, error) -> None:
+    """The checks that need more than one option or the machine; ``error`` is the job's
+    parser.error. Runs after parsing and before any work."""
+    if getattr(args, "negative_iou", None) is not None and args.negative_iou >= args.positive_iou:
+        error(f"--negative-iou must be below --positive-iou, got {args.negative_iou:g} >= "
+              f"{args.positive_iou:g}")
+    if getattr(args, "allow_changes", False) and not args.resume:
+        error("--allow-changes only applies with --resume")
+    if args.backend != "numpy":
+        from .backend import BackendError, get_backend
+        try:
+            get_backend(args.backend)
+        except BackendError as e:
+            error(f"--backend {args.backend} cannot be used: {e}")
+    if args.job == "evaluate":
+        if not os.path.exists(args.checkpoint):
+            error(f"checkpoint {args.checkpoint} does not exist")
+        if os.path.isdir(args.checkpoint):
+            error(f"checkpoint {args.checkpoint} is a folder; expected a checkpoint.npz file")
+    if hasattr(args, "runs"):
+        run_dir = _run_dir(args)
+        reason = _unwritable(run_dir)
+        if reason:
+            error(f"--runs {args.runs}: cannot write run outputs to {run_dir}: {reason}")
+        if getattr(args, "resume", False) and not os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
+            error(f"--resume: no checkpoint at {os.path.join(run_dir, 'checkpoint.npz')} to resume; "
+                  f"check --runs and --name")
+
+
+# ---- commands that rebuild a run: resume after Ctrl-C, or run all steps ---------------------
+
+_FLAGS = ("--resume", "--quiet", "--allow-changes", "--json")  # options that take no value
+
+
+def _command(argv: list, drop=(), add=()) -> str:
+    """``minifpn`` + ``argv`` without the options in ``drop`` (and their values), + ``add``."""
+    tokens, skip = [], False
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif flag in drop:
+            skip = "=" not in token and flag not in _FLAGS  # its value is the next token
+        else:
+            tokens.append(token)
+    return shlex.join(["minifpn", *tokens, *add])
+
+
+def _resume_command(args) -> str:
+    """The ``minifpn train --resume ...`` line that continues the run ``args`` started."""
+    if args.job == "train":
+        given = {token.split("=", 1)[0] for token in args.argv}
+        name = [] if "--name" in given else ["--name", args.name or args.setting]
+        rest = shlex.split(_command(args.argv[1:], drop=("--resume",)))[1:]
+        return shlex.join(["minifpn", "train", "--resume", *name, *rest])
+    # demo and ablation have no --resume: spell their run as the `train` options that differ
+    runs, name = ((os.path.join(args.runs, args.name), args.setting) if args.job == "ablation"
+                  else (args.runs, args.name))
+    train_defaults = vars(build_parser().parse_args(["train"]))
+    options = []
+    for dest, value in vars(args).items():
+        if dest in ("runs", "name", "resume", "job", "run", "argv") or dest not in train_defaults:
+            continue
+        if value == train_defaults[dest] or value is False:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if value is True:
+            options.append(flag)
+        else:
+            options += [flag, ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
+    return shlex.join(["minifpn", "train", "--resume", "--runs", runs, "--name", name, *options])
+
+
+def stopped_early_message(args, steps_done: int) -> str:
+    """What a run stopped by --time-limit means, and how to train all its steps."""
+    total = args.iterations
+    if args.job == "train":
+        how = _command(args.argv, drop=("--time-limit", "--resume"), add=("--resume", "--time-limit", "0"))
+        expect = f"a full run of {total} steps"
+    else:
+        how = _command(args.argv, drop=("--time-limit",), add=("--time-limit", "0"))
+        expect = "docs/results.md reports" if args.job == "demo" else f"a full run of {total} steps"
+    return (f"stopped by the time limit at step {steps_done} of {total}; expect a lower AP than "
+            f"{expect}; run `{how}` (or a larger limit) to train all {total} steps")
 
 
 def cmd_gradcheck(args) -> int:
-    from .backend import get_backend
     from .gradcheck import format_table, standard_checks
 
-    get_backend(args.backend)  # a clear error now if the backend cannot be used
     start = time.perf_counter()
     results = standard_checks(backend=args.backend, seed=args.seed)
     print(f"Gradient checks in float64 on {args.backend}: central differences (h = 1e-5) "
@@ -34,10 +275,8 @@ def cmd_gradcheck(args) -> int:
 # ---- training, evaluation, the demo --------------------------------------------------------
 
 def _detector_config(args):
-    from .models.detector import DetectorConfig
     return DetectorConfig(setting=args.setting, channels=args.channels,
-                          num_classes=args.num_classes,
-                          widths=tuple(int(w) for w in args.widths.split(",")), seed=args.seed,
+                          num_classes=args.num_classes, widths=args.widths, seed=args.seed,
                           anchors_per_image=args.anchors_per_image,
                           positive_fraction=args.positive_fraction,
                           positive_iou=args.positive_iou, negative_iou=args.negative_iou)
@@ -49,26 +288,32 @@ def _train_config(args):
                        warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every)
 
 
-def _train_and_report(args, run_dir: str, time_limit=None, artifacts: bool = True) -> dict:
+def _train_and_report(args, run_dir: str, artifacts: bool = True) -> dict:
     """Train (or resume), evaluate on the test split, print the AP/AR table and write
     metrics.json (and the figures) into ``run_dir``."""
-    from .backend import get_backend
     from .detection.metrics import format_metrics
     from .models.detector import Detector
     from .train import evaluate_detector, train
 
-    get_backend(args.backend)
     detector = Detector(_detector_config(args)).to(args.backend)
     tcfg = _train_config(args)
+    options = {}
+    if "allow_changes" in inspect.signature(train).parameters:  # resume across a schedule change
+        options["allow_changes"] = getattr(args, "allow_changes", False)
     start = time.perf_counter()
     history = train(detector, tcfg, run_dir, resume=getattr(args, "resume", False),
-                    progress=not args.quiet, time_limit=time_limit)
+                    progress=not args.quiet, time_limit=args.time_limit or None, **options)
     train_seconds = time.perf_counter() - start
     metrics, detections, truths = evaluate_detector(detector, "test", args.eval_scenes)
     total = time.perf_counter() - start
-    images_seen = len(history["iteration"]) * tcfg.batch_size
+    steps = len(history["iteration"])
+    # history["images_seen"] stays right across a resume with another --batch-size
+    images_seen = (history["images_seen"][-1] if history.get("images_seen")
+                   else steps * tcfg.batch_size)
+    stopped_early = steps < tcfg.iterations  # train() returns early only when the time limit fires
     summary = {"setting": detector.config.setting, "metrics": metrics,
-               "iterations": len(history["iteration"]), "images_seen": images_seen,
+               "iterations": steps, "images_seen": images_seen,
+               "stopped_by_time_limit": stopped_early,
                "train_seconds": round(train_seconds, 1), "total_seconds": round(total, 1),
                "test_scenes": args.eval_scenes, "detector_config": detector.config.to_dict()}
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
@@ -81,6 +326,12 @@ def _train_and_report(args, run_dir: str, time_limit=None, artifacts: bool = Tru
         print(f"\nwrote {run_dir}/: metrics.json, checkpoint.npz, loss_curve.png, "
               f"detections.png, pyramid.png")
     return summary
+
+
+def _report_early_stop(args, summary: dict) -> None:
+    """The last words of a run the time limit cut short: which step, what it costs, what to run."""
+    if summary["stopped_by_time_limit"]:
+        print("\n" + stopped_early_message(args, summary["iterations"]))
 
 
 def _write_figures(detector, history, detections, truths, run_dir):
@@ -109,17 +360,17 @@ def _write_figures(detector, history, detections, truths, run_dir):
 
 
 def cmd_demo(args) -> int:
-    run_dir = os.path.join(args.runs, args.name)
-    print(f"Training the FPN detector on multi-scale digit scenes for up to {args.iterations} "
-          f"iterations or {args.time_limit:.0f} s, then evaluating on the test split.\n")
-    summary = _train_and_report(args, run_dir, time_limit=args.time_limit)
+    guard = f"a guard stops it after {args.time_limit:g} s" if args.time_limit else "no time limit"
+    print(f"Training the FPN detector on multi-scale digit scenes for {args.iterations} steps "
+          f"({guard}), then evaluating on the test split.\n")
+    summary = _train_and_report(args, _run_dir(args))
     print(f"\nAP50 {summary['metrics']['AP50']:.3f} in {summary['total_seconds']:.0f} s in all.")
+    _report_early_stop(args, summary)
     return 0
 
 
 def cmd_train(args) -> int:
-    run_dir = os.path.join(args.runs, args.name or args.setting)
-    _train_and_report(args, run_dir, time_limit=args.time_limit)
+    _report_early_stop(args, _train_and_report(args, _run_dir(args)))
     return 0
 
 
@@ -165,14 +416,13 @@ def ablation_table(summaries: list) -> str:
 
 
 def cmd_ablation(args) -> int:
-    from .models.detector import TABLE1
-    settings = [TABLE1.get(s.strip(), s.strip()) for s in args.settings.split(",")]
     summaries = []
-    for setting in settings:
+    for setting in args.settings:
         args.setting = setting
         print(f"\n=== {setting} ===")
         summaries.append(_train_and_report(args, os.path.join(args.runs, args.name, setting),
-                                           time_limit=args.time_limit, artifacts=False))
+                                           artifacts=False))
+        _report_early_stop(args, summaries[-1])
     table = ablation_table(summaries)
     with open(os.path.join(args.runs, args.name, "table1.json"), "w") as f:
         json.dump(summaries, f, indent=2)
@@ -186,112 +436,146 @@ def cmd_ablation(args) -> int:
 
 # ---- the parser ------------------------------------------------------------------------------
 
-def _training_options(p, iterations, time_limit=None, name=None, num_classes=10):
-    p.add_argument("--setting", default="fpn",
-                   help="Table 1 setting: fpn (c, default), c4 (a), c5 (b), bottom_up (d), "
-                        "no_lateral (e), p2_only (f); the letters a-f work too")
-    p.add_argument("--iterations", type=int, default=iterations, help="training steps")
-    p.add_argument("--batch-size", type=int, default=8, help="scenes per step (default 8)")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate of SGD")
-    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
-    p.add_argument("--channels", type=int, default=64, help="d: channels of the pyramid and head")
-    p.add_argument("--widths", default="16,32,64,128", help="ResNet stage widths (C2..C5)")
-    p.add_argument("--num-classes", type=int, default=num_classes,
+def _training_options(p, iterations, time_limit=0, name=None, num_classes=DEFAULTS.num_classes):
+    from . import train as train_module
+    train = train_module.TrainConfig()
+    base_lr, base_batch = (getattr(train_module, "BASE_LR", None), getattr(train_module, "BASE_BATCH", None))
+    p.add_argument("--setting", type=setting_name, default=DEFAULTS.setting,
+                   help="Table 1 setting: fpn (c), c4 (a), c5 (b), bottom_up (d), no_lateral (e), "
+                        "p2_only (f); the letters a-f work too")
+    p.add_argument("--iterations", type=positive_int, default=iterations, help="training steps")
+    p.add_argument("--batch-size", type=positive_int, default=train.batch_size, help="scenes per step")
+    p.add_argument("--lr", type=positive_float, default=train.lr,
+                   help="peak learning rate of SGD" + ("" if train.lr is not None else
+                        f" (default: the linear scaling rule, {base_lr:g} x batch size / {base_batch})"))
+    p.add_argument("--warmup", type=nonnegative_int, default=train.warmup, help="linear warm-up steps")
+    p.add_argument("--channels", type=positive_int, default=DEFAULTS.channels,
+                   help="d: channels of the pyramid and head")
+    p.add_argument("--widths", type=widths_list, default=",".join(map(str, DEFAULTS.widths)),
+                   metavar="W2,W3,W4,W5", help="ResNet stage widths of C2..C5, comma-separated")
+    p.add_argument("--num-classes", type=positive_int, default=num_classes,
                    help="10: detect and name the digits; 1: the paper's RPN (object or not)")
-    p.add_argument("--anchors-per-image", type=int, default=DEFAULTS.anchors_per_image,
+    p.add_argument("--anchors-per-image", type=positive_int, default=DEFAULTS.anchors_per_image,
                    help="anchors sampled per image for the loss")
-    p.add_argument("--positive-fraction", type=float, default=DEFAULTS.positive_fraction,
-                   help="largest share of positives among the sampled anchors")
-    p.add_argument("--positive-iou", type=float, default=DEFAULTS.positive_iou,
-                   help="an anchor is an object at IoU >= this with a box (paper: 0.7)")
-    p.add_argument("--negative-iou", type=float, default=DEFAULTS.negative_iou,
-                   help="an anchor is background below this IoU with every box (paper: 0.3)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, scenes and sampling")
-    p.add_argument("--eval-scenes", type=int, default=300, help="test scenes to evaluate on")
-    p.add_argument("--time-limit", type=float, default=time_limit,
-                   help="stop training after this many seconds (a checkpoint is written first)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--positive-fraction", type=fraction, default=DEFAULTS.positive_fraction,
+                   help="largest share of positives among the sampled anchors, in (0, 1]")
+    p.add_argument("--positive-iou", type=iou, default=DEFAULTS.positive_iou,
+                   help="an anchor is an object at IoU >= this with a box, in (0, 1] (paper: 0.7)")
+    p.add_argument("--negative-iou", type=negative_iou, default=DEFAULTS.negative_iou,
+                   help="an anchor is background below this IoU with every box, in [0, 1) and below "
+                        "--positive-iou (paper: 0.3)")
+    p.add_argument("--seed", type=nonnegative_int, default=train.seed,
+                   help="seed for weights, scenes and sampling")
+    p.add_argument("--eval-scenes", type=positive_int, default=EVAL_SCENES, help="test scenes to evaluate on")
+    p.add_argument("--time-limit", type=seconds, default=time_limit, metavar="SECONDS",
+                   help="stop training after this many seconds, with a checkpoint and a line that says "
+                        "so; 0: no limit")
+    p.add_argument("--checkpoint-every", type=positive_int, default=train.checkpoint_every,
+                   help="steps between checkpoints")
     p.add_argument("--runs", default="runs", help="folder for run outputs")
-    p.add_argument("--name", default=name, help="run name: outputs go to RUNS/NAME/")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--name", default=name, help="run name: outputs go to RUNS/NAME/"
+                   + ("" if name is not None else " (default: the setting's name)"))
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="minifpn",
+    parser = _Parser(
+        prog="minifpn", allow_abbrev=False,  # whole option names, so a run's command can be rebuilt
         description="Feature Pyramid Networks from scratch in NumPy: every backward by hand.")
     jobs = parser.add_subparsers(dest="job", metavar="JOB")
     jobs.required = True
+    parser.jobs = {}
 
-    p = jobs.add_parser(
-        "demo", help="train the FPN detector on digit scenes and report AP/AR (about 5 minutes)",
-        description="Train the FPN detector (ResNet 16/32/64/128 + FPN d=64 + shared head) on "
-                    "freshly drawn scenes of real handwritten digits at many scales, evaluate it "
-                    "on the test split, print AP/AR by object size, and write runs/NAME/ with "
-                    "metrics.json, checkpoint.npz, a loss curve, test detections and the "
-                    "pyramid maps of one scene. Runs in about 5 minutes on 2 CPU cores.")
+    def job(name, **kwargs):
+        p = jobs.add_parser(name, allow_abbrev=False,
+                            formatter_class=_HelpFormatter, **kwargs)
+        parser.jobs[name] = p
+        return p
+
+    p = job("demo", help="train the FPN detector on digit scenes and report AP/AR (about 5 minutes)",
+            description="Train the FPN detector (ResNet 16/32/64/128 + FPN d=64 + shared head) for "
+                        f"{DEMO_ITERATIONS} steps on freshly drawn scenes of real handwritten digits at "
+                        "many scales, evaluate it on the test split, print AP/AR by object size, and "
+                        "write runs/NAME/ with metrics.json, checkpoint.npz, a loss curve, test "
+                        "detections and the pyramid maps of one scene. Runs in about 5 minutes on 2 CPU "
+                        "cores. --time-limit is only a guard: if it stops the run early, the summary "
+                        "says so; --time-limit 0 trains every step however long it takes.")
     _training_options(p, DEMO_ITERATIONS, DEMO_TIME_LIMIT, "demo")
     p.set_defaults(run=cmd_demo)
 
-    p = jobs.add_parser(
-        "train", help="train one detector setting (every option has a flag)",
-        description="Train a detector of one Table 1 setting and evaluate it on the test split. "
-                    "Checkpoints go to RUNS/NAME/checkpoint.npz every --checkpoint-every steps; "
-                    "--resume continues that run exactly where it stopped.")
-    _training_options(p, 1000)
+    p = job("train", help="train one detector setting (every option has a flag)",
+            description="Train a detector of one Table 1 setting and evaluate it on the test split. "
+                        "Checkpoints go to RUNS/NAME/checkpoint.npz every --checkpoint-every steps; "
+                        "--resume continues that run exactly where it stopped.")
+    from .train import TrainConfig
+    _training_options(p, TrainConfig().iterations)
     p.add_argument("--resume", action="store_true", help="continue RUNS/NAME/checkpoint.npz")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: accept a different --lr, --batch-size, --iterations, --warmup "
+                        "(schedule); the change is recorded in the checkpoint's history")
     p.set_defaults(run=cmd_train)
 
-    p = jobs.add_parser(
-        "evaluate", help="evaluate a checkpoint: COCO-style AP/AR by object size",
-        description="Load a checkpoint written by train or demo, rebuild its detector from the "
-                    "configuration saved inside it, and print AP@[.5:.95], AP50, AP75 and AR, "
-                    "overall and for small, medium and large digits.")
+    p = job("evaluate", help="evaluate a checkpoint: COCO-style AP/AR by object size",
+            description="Load a checkpoint written by train or demo, rebuild its detector from the "
+                        "configuration saved inside it, and print AP@[.5:.95], AP50, AP75 and AR, "
+                        "overall and for small, medium and large digits.")
     p.add_argument("checkpoint", help="path to checkpoint.npz")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--scenes", type=int, default=300, help="number of scenes")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="scene split")
+    p.add_argument("--scenes", type=positive_int, default=EVAL_SCENES, help="number of scenes")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.set_defaults(run=cmd_evaluate)
 
-    p = jobs.add_parser(
-        "ablation", help="train the six Table 1 settings at one budget and compare",
-        description="Train each Table 1 setting, (a) C4, (b) C5, (c) FPN, (d) bottom-up, (e) "
-                    "no lateral, (f) P2 only, with the same number of steps, evaluate each, and "
-                    "write a markdown table (AR@100, AR_s, AR_m, AR_l, AP) beside the paper's "
-                    "numbers to RUNS/NAME/table1.md. As in the paper's Table 1 the default is an "
-                    "RPN (--num-classes 1: every digit is 'an object'), with the paper's anchor "
-                    "labelling (IoU >= 0.7 positive, < 0.3 negative).")
-    _training_options(p, 600, None, "ablation", num_classes=1)
+    p = job("ablation", help="train the six Table 1 settings at one budget and compare",
+            description="Train each Table 1 setting, (a) C4, (b) C5, (c) FPN, (d) bottom-up, (e) "
+                        "no lateral, (f) P2 only, with the same number of steps, evaluate each, and "
+                        "write a markdown table (AR@100, AR_s, AR_m, AR_l, AP) beside the paper's "
+                        "numbers to RUNS/NAME/table1.md. As in the paper's Table 1 the default is an "
+                        "RPN (--num-classes 1: every digit is 'an object'), with the paper's anchor "
+                        "labelling (IoU >= 0.7 positive, < 0.3 negative).")
+    _training_options(p, 600, name="ablation", num_classes=1)
     p.set_defaults(positive_iou=0.7, negative_iou=0.3, anchors_per_image=256)  # the paper's
-    p.add_argument("--settings", default="a,b,c,d,e,f", help="comma-separated settings")
+    p.add_argument("--settings", type=settings_list, default="a,b,c,d,e,f", metavar="a,b,c",
+                   help="Table 1 settings to train, comma-separated: letters a-f or names")
     p.set_defaults(run=cmd_ablation)
 
-    p = jobs.add_parser(
-        "gradcheck", help="gradient-check every op and layer and print a table",
-        description="Check every hand-written backward pass (conv2d, max_pool2d, "
-                    "upsample_nearest, batch_norm, relu, add and the layers built on them) "
-                    "against central-difference numerical gradients in float64, and print "
-                    "one line per check: op, shape, max relative error, pass/fail. "
-                    "Exits with status 1 if any check fails.")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
-                   help="array backend to run on (default: numpy)")
-    p.add_argument("--seed", type=int, default=0, help="seed for inputs and upstream gradients")
+    p = job("gradcheck", help="gradient-check every op and layer and print a table",
+            description="Check every hand-written backward pass (conv2d, max_pool2d, "
+                        "upsample_nearest, batch_norm, relu, add and the layers built on them) "
+                        "against central-difference numerical gradients in float64, and print "
+                        "one line per check: op, shape, max relative error, pass/fail. "
+                        "Exits with status 1 if any check fails.")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend to run on")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for inputs and upstream gradients")
     p.set_defaults(run=cmd_gradcheck)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    validate(args, parser.jobs[args.job].error)  # every check before any work
+    from . import train as train_module
     from .backend import reuse_freed_memory
     from .train import CheckpointError, TrainingDiverged
+    # raised by train() after it checkpointed the last completed step on Ctrl-C
+    interrupted = getattr(train_module, "TrainingInterrupted", ())
     reuse_freed_memory()  # NumPy's many large temporaries: about 2x faster convs (performance.md)
     try:
         return args.run(args)
+    except interrupted as e:
+        print(f"minifpn {args.job}: interrupted at step {e.iteration} of {args.iterations}; checkpoint "
+              f"saved; resume with: {_resume_command(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (TrainingDiverged, CheckpointError) as e:
         print(f"minifpn {args.job}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"minifpn {args.job}: interrupted (Ctrl-C) before it finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
