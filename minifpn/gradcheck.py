@@ -88,12 +88,12 @@ class CheckResult:
 
 
 def check(op_name, shape, forward, backward, inputs: dict, tol: float = 1e-6, seed: int = 0,
-          h: float = 1e-5) -> CheckResult:
+          h: float | dict = 1e-5) -> CheckResult:
     """Check a forward/backward pair on float64 ``inputs`` {name: array}.
 
     forward(**inputs) -> out; backward(dout) -> {name: gradient} for the names to check.
     The upstream gradient is random (N(0, 1)), so a backward that is right only for an
-    all-ones gradient fails.
+    all-ones gradient fails. ``h``: the step, or {name: step} (1e-5 for names not given).
     """
     rng = default_rng(seed)
     out = forward(**inputs)
@@ -101,7 +101,8 @@ def check(op_name, shape, forward, backward, inputs: dict, tol: float = 1e-6, se
     analytic = backward(dout)
     errors = {}
     for name, grad in analytic.items():
-        numeric = numerical_gradient(lambda: forward(**inputs), inputs[name], dout, h)
+        step = h.get(name, 1e-5) if isinstance(h, dict) else h
+        numeric = numerical_gradient(lambda: forward(**inputs), inputs[name], dout, step)
         errors[name] = rel_error(grad, numeric)
     return CheckResult(op_name, shape, errors, tol)
 
@@ -121,8 +122,9 @@ def format_table(results) -> str:
 
 # ---- the table printed by `minifpn gradcheck` ---------------------------------------------
 
-def check_module(name: str, shape: str, module, x, tol: float = 1e-6, seed: int = 0) -> CheckResult:
-    """Check a float64 Module: the gradient of its input and of every parameter."""
+def check_module(name: str, shape: str, module, x, tol: float = 1e-6, seed: int = 0,
+                 h: float | dict = 1e-5) -> CheckResult:
+    """Check a float64 Module: the gradient of its input and of every parameter (step ``h``)."""
     params = dict(module.named_parameters())
 
     def forward(input, **_):  # parameters are read from the module; they change in place
@@ -134,7 +136,7 @@ def check_module(name: str, shape: str, module, x, tol: float = 1e-6, seed: int 
         return {"input": dx, **{n: p.grad.copy() for n, p in params.items()}}
 
     inputs = {"input": x, **{n: p.data for n, p in params.items()}}
-    return check(name, shape, forward, backward, inputs, tol=tol, seed=seed)
+    return check(name, shape, forward, backward, inputs, tol=tol, seed=seed, h=h)
 
 
 def distinct_values(rng, shape, spacing: float = 0.01):
