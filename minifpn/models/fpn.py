@@ -4,8 +4,9 @@
     Mk = lateralk(Ck) + upsample(M(k+1), size of Ck)    for k = 4, 3, 2: 2x nearest, then add
     Pk = outputk(Mk)                                    a 3x3 conv on every merged map
     P6 = max_pool2d(P5, kernel_size=1, stride=2)        subsampling, for the largest anchors
-No non-linearities. The same class switches to the paper's Table 1 ablations with ``variant``.
-The names of the traced maps (``trace=True``) are listed in docs/fpn.md.
+No non-linearities. The same class switches to the paper's Table 1 ablations with ``variant``
+(described in ``minifpn.table1``); the switches live in the small step methods below, so that
+``forward`` reads as the four equations. The traced maps (``trace=True``) are listed in docs/fpn.md.
 """
 from __future__ import annotations
 
@@ -14,13 +15,32 @@ from ..backend import DEFAULT_DTYPE, default_rng, get_array_module
 from ..functional._checks import integer
 from ..nn import Conv2d, Module, ModuleList
 
-VARIANTS = {
-    "fpn": "(c) the full FPN: top-down pathway and lateral connections",
-    "bottom_up": "(d) bottom-up pyramid: laterals and 3x3 outputs, no top-down pathway",
-    "no_lateral": "(e) top-down pathway without lateral connections (only C5's 1x1 is used)",
-    "p2_only": "(f) the full pathway, but only P2 is returned for prediction",
-}
+VARIANTS = ("fpn", "bottom_up", "no_lateral", "p2_only")  # Table 1's (c), (d), (e), (f)
 EXTRA_BLOCKS = ("maxpool", "p6p7", None)
+
+
+# ---- the extra levels above P5: one interface, as torchvision's ExtraFPNBlock -------------
+# forward(p5, c5) -> [the extra maps]; backward([their gradients]) -> (dP5, dC5), None for none.
+
+class LastLevelMaxPool(Module):
+    """P6 = max_pool2d(P5, kernel_size=1, stride=2): plain subsampling, for the largest anchors
+    (paper, Sec. 4.1; torchvision's ``LastLevelMaxPool``). No parameters.
+    p5 (N, d, H5, W5) -> [P6 (N, d, ceil(H5 / 2), ceil(W5 / 2))]."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool_cache = None  # set by forward, used by backward
+
+    def forward(self, p5, c5):
+        p6, self.pool_cache = F.max_pool2d(p5, kernel_size=1, stride=2)
+        return [p6]
+
+    def backward(self, d_extra):
+        """[dP6] -> (dP5, None): P6's gradient lands on the P5 pixels it copied."""
+        self._need_cache(self.pool_cache)
+        if d_extra[0] is None:
+            return None, None
+        return F.max_pool2d_backward(d_extra[0], self.pool_cache), None
 
 
 class LastLevelP6P7(Module):
@@ -28,6 +48,7 @@ class LastLevelP6P7(Module):
 
     Names and init as torchvision's ``LastLevelP6P7`` (``extra_blocks.p6.weight`` ...);
     x is P5 when in_channels == out_channels, else C5 (torchvision's ``use_P5`` rule).
+    p5 (N, d, H5, W5), c5 (N, C5, H5, W5) -> [P6 (N, d, ceil(H5 / 2), ...), P7 (N, d, ceil(H6 / 2), ...)].
     """
 
     def __init__(self, in_channels, out_channels, dtype=DEFAULT_DTYPE, rng=None):
@@ -37,17 +58,21 @@ class LastLevelP6P7(Module):
         self.use_P5 = in_channels == out_channels  # torchvision's rule
         self.relu_cache = None  # set by forward, used by backward
 
-    def forward(self, x):
-        p6 = self.p6(x)
+    def forward(self, p5, c5):
+        p6 = self.p6(p5 if self.use_P5 else c5)
         h, self.relu_cache = F.relu(p6)
-        return p6, self.p7(h)
+        return [p6, self.p7(h)]
 
-    def backward(self, dp6, dp7):
-        """Returns the gradient of x (P5 or C5); dp6 or dp7 may be None."""
+    def backward(self, d_extra):
+        """[dP6, dP7] (either may be None) -> (dP5, None) or (None, dC5), by ``use_P5``."""
         self._need_cache(self.relu_cache)
+        dp6, dp7 = d_extra
+        if dp6 is None and dp7 is None:
+            return None, None
         if dp7 is not None:  # P6 feeds P7 too: its gradient gets P7's share
             dp6 = _plus(dp6, F.relu_backward(self.p7.backward(dp7), self.relu_cache))
-        return self.p6.backward(dp6)
+        d_x = self.p6.backward(dp6)
+        return (d_x, None) if self.use_P5 else (None, d_x)
 
 
 class FPN(Module):
@@ -57,9 +82,12 @@ class FPN(Module):
     forward([C2, C3, C4, C5]) -> [P2, P3, P4, P5, P6] with Pk: (N, d, Hk, Wk), Hk = H of Ck,
     and P6: (N, d, ceil(H5 / 2), ceil(W5 / 2)) (plus P7 for "p6p7"; only [P2] for "p2_only").
     backward(list of dPk, same length) -> [dC2, dC3, dC4, dC5].
+    variant: "fpn" (c), "bottom_up" (d), "no_lateral" (e) or "p2_only" (f) of Table 1.
+    extra_block: "maxpool" (P6 by subsampling, the paper), "p6p7" (RetinaNet's) or None.
     fuse: "sum" (the paper) or "avg" (M = (lateral + top-down) / 2).
     p6p7_from: for extra_block="p6p7", whether P6 is computed from "p5" or "c5" (torchvision's
     LastLevelP6P7 rule: from P5 exactly when C5 already has out_channels channels).
+    levels: the pyramid levels k of C2..C5, [2, 3, 4, 5]; list index i holds level k = i + 2.
     state_dict keys are torchvision's FeaturePyramidNetwork keys: inner_blocks.i (the 1x1
     laterals) and layer_blocks.i (the 3x3 outputs), index 0 the finest level.
     """
@@ -67,14 +95,7 @@ class FPN(Module):
     def __init__(self, in_channels_list, out_channels=256, extra_block="maxpool", fuse="sum",
                  variant="fpn", p6p7_from="p5", dtype=DEFAULT_DTYPE, seed=0, trace=False):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"FPN: variant must be one of {list(VARIANTS)}, got {variant!r}")
-        if extra_block not in EXTRA_BLOCKS:
-            raise ValueError(f"FPN: extra_block must be one of {EXTRA_BLOCKS}, got {extra_block!r}")
-        if fuse not in ("sum", "avg"):
-            raise ValueError(f"FPN: fuse must be 'sum' or 'avg', got {fuse!r}")
-        if variant == "p2_only" and extra_block is not None:
-            raise ValueError("FPN: variant 'p2_only' predicts from P2 alone; use extra_block=None")
+        _check_options(variant, extra_block, fuse, p6p7_from)
         rng = default_rng(seed)
         in_channels_list = [integer(c, "each of in_channels_list", "FPN", 1) for c in in_channels_list]
         out_channels = integer(out_channels, "out_channels", "FPN", 1)
@@ -88,141 +109,142 @@ class FPN(Module):
         self.layer_blocks = ModuleList(
             [Conv2d(out_channels, out_channels, 3, padding=1, dtype=dtype, rng=rng)
              for _ in self.in_channels_list])
-        if p6p7_from not in ("p5", "c5"):
-            raise ValueError(f"FPN: p6p7_from must be 'p5' or 'c5', got {p6p7_from!r}")
-        if extra_block == "p6p7":  # from C5 (RetinaNet's paper) needs C5's channels in
+        self.extra_blocks = None
+        if extra_block == "maxpool":
+            self.extra_blocks = LastLevelMaxPool()
+        elif extra_block == "p6p7":  # from C5 (RetinaNet's paper) needs C5's channels in
             p6_in = self.in_channels_list[-1] if p6p7_from == "c5" else out_channels
             self.extra_blocks = LastLevelP6P7(p6_in, out_channels, dtype, rng)
         self.trace = trace
         self.maps, self.grads = {}, {}
-        self.upsample_caches = self.extra_cache = None  # set by forward, used by backward
+        self.upsample_caches = None  # set by forward, used by backward
 
     # ---- the names of what comes out ----------------------------------------------------
     @property
+    def predicting(self) -> list[int]:
+        """List indices of the levels whose Pk is returned: [0] (P2) for "p2_only", else all."""
+        return [0] if self.variant == "p2_only" else list(range(len(self.levels)))
+
+    @property
     def output_names(self) -> list[str]:
         """Names of the maps ``forward`` returns, e.g. ["P2", "P3", "P4", "P5", "P6"]."""
-        if self.variant == "p2_only":
-            return ["P2"]
-        names = [f"P{k}" for k in self.levels]
+        names = [f"P{self.levels[i]}" for i in self.predicting]
         top = self.levels[-1]
-        if self.extra_block == "maxpool":
-            names.append(f"P{top + 1}")
-        elif self.extra_block == "p6p7":
-            names += [f"P{top + 1}", f"P{top + 2}"]
-        return names
+        n_extra = {"maxpool": 1, "p6p7": 2, None: 0}[self.extra_block]
+        return names + [f"P{top + j}" for j in range(1, n_extra + 1)]
 
     @property
     def strides(self) -> list[int]:
         """Stride of each output map: 2 ** level (4, 8, 16, 32, 64, ...)."""
         return [2 ** int(name[1:]) for name in self.output_names]
 
-    def _record(self, store, name, value):
-        if self.trace:
-            store[name] = value
-
     # ---- forward: the top-down pathway ------------------------------------------------
     def forward(self, features):
+        """The top-down pathway and lateral connections on [C2, C3, C4, C5] -> [P2, ..., P6].
+
+            M5 = lateral5(C5)
+            Mk = lateralk(Ck) + upsample(M(k+1), size of Ck)      k = 4, 3, 2
+            Pk = outputk(Mk)                                      k = 2, 3, 4, 5
+            P6 = max_pool2d(P5, 1, stride 2)                      (or RetinaNet's P6, P7)
+        Shapes are in the class docstring. Index i of each list is level k = i + 2.
+        """
         self._check(features)
         self.maps, self.grads = {}, {}
-        n = len(features)
+        self.upsample_caches = [None] * len(features)
+        top = len(features) - 1
+        merged = [None] * len(features)
+        merged[top] = self._trace("M", top, self._lateral(top, features[top]))  # M5 = lateral5(C5)
+        for i in range(top - 1, -1, -1):  # k = 4, 3, 2: coarse to fine
+            top_down = self._top_down(i, merged[i + 1], features[i].shape[2:])
+            merged[i] = self._merge(i, self._lateral(i, features[i]), top_down)
+        outputs = [self.layer_blocks[i](merged[i]) for i in self.predicting]  # Pk = outputk(Mk), 3x3
+        if self.extra_blocks is not None:  # P6 (and P7) from P5 (or C5)
+            outputs += self.extra_blocks(outputs[-1], features[-1])
+        for name, value in zip(self.output_names, outputs):
+            self._record(self.maps, name, value)
         for k, c in zip(self.levels, features):
             self._record(self.maps, f"C{k}", c)
-        merged = [None] * n
-        self.upsample_caches = [None] * n
-        top = n - 1
-        merged[top] = self.inner_blocks[top](features[top])  # M5 = lateral5(C5)
-        self._record(self.maps, f"lateral{self.levels[top]}", merged[top])
-        for i in range(top - 1, -1, -1):  # k = 4, 3, 2: coarse to fine
-            k = self.levels[i]
-            lateral = None
-            if self.variant != "no_lateral":
-                lateral = self.inner_blocks[i](features[i])
-                self._record(self.maps, f"lateral{k}", lateral)
-            if self.variant == "bottom_up":
-                merged[i] = lateral  # (d): no top-down pathway
-            else:
-                size = features[i].shape[2:]
-                top_down, self.upsample_caches[i] = F.upsample_nearest(merged[i + 1], size)
-                self._record(self.maps, f"topdown{k}", top_down)
-                merged[i] = top_down if lateral is None else self._fuse(lateral, top_down)
-        for i, k in enumerate(self.levels):
-            self._record(self.maps, f"M{k}", merged[i])
-        used = [0] if self.variant == "p2_only" else range(n)
-        outputs = [self.layer_blocks[i](merged[i]) for i in used]  # Pk = outputk(Mk), 3x3
-        outputs += self._extra_forward(outputs, features)
-        for name, p in zip(self.output_names, outputs):
-            self._record(self.maps, name, p)
         return outputs
 
-    def _fuse(self, lateral, top_down):
-        merged = F.add(lateral, top_down)[0]
-        return merged * 0.5 if self.fuse == "avg" else merged
+    def _lateral(self, i, c):
+        """lateral_k(C_k): the 1x1 conv to d channels. None in (e), which keeps only C5's."""
+        if self.variant == "no_lateral" and i != len(self.levels) - 1:
+            return None
+        return self._trace("lateral", i, self.inner_blocks[i](c))
 
-    def _extra_forward(self, outputs, features):
-        if self.extra_block == "maxpool":  # P6 = subsample P5 (torchvision's LastLevelMaxPool)
-            p6, self.extra_cache = F.max_pool2d(outputs[-1], kernel_size=1, stride=2)
-            return [p6]
-        if self.extra_block == "p6p7":
-            x = outputs[-1] if self.extra_blocks.use_P5 else features[-1]
-            return list(self.extra_blocks(x))
-        return []
+    def _top_down(self, i, coarser, size):
+        """upsample(M_(k+1)) to the size of C_k, nearest. None in (d), the bottom-up pyramid."""
+        if self.variant == "bottom_up":
+            return None
+        top_down, self.upsample_caches[i] = F.upsample_nearest(coarser, size)
+        return self._trace("topdown", i, top_down)
+
+    def _merge(self, i, lateral, top_down):
+        """M_k = lateral + top-down (elementwise; "avg" halves it), or the one branch there is."""
+        if lateral is None or top_down is None:
+            return self._trace("M", i, top_down if lateral is None else lateral)
+        merged = F.add(lateral, top_down)[0]
+        return self._trace("M", i, merged * 0.5 if self.fuse == "avg" else merged)
 
     # ---- backward: the top-down pathway walked in reverse -----------------------------
     def backward(self, grads):
         """grads: one dPk per output (an entry may be None). Returns [dC2, dC3, dC4, dC5]
-        (None for a level that no gradient reaches)."""
+        (None for a level that no gradient reaches). Forward's steps, in reverse order:
+        P6 -> P5; dMk = outputk^T dPk; fine to coarse, each dMk splits into its lateral and its
+        top-down branch (whose backward sums each 2x2 block into dM(k+1)); M5 -> C5."""
         self._need_cache(self.upsample_caches)  # a list after any forward
         if len(grads) != len(self.output_names):
             raise ValueError(f"FPN.backward: expected {len(self.output_names)} gradients for "
                              f"{self.output_names}, got {len(grads)}")
-        n, used = len(self.levels), self._n_used()
-        d_outputs = list(grads[:used]) + [None] * (n - used)
-        d_to_p5, d_to_c5 = self._extra_backward(grads[n:])  # P6 (and P7) hand back to P5 or C5
-        d_outputs[n - 1] = _plus(d_outputs[n - 1], d_to_p5)
-        for name, d in zip(self.output_names, d_outputs[:used] + list(grads[n:])):
+        n, n_out = len(self.levels), len(self.predicting)
+        d_p = list(grads[:n_out]) + [None] * (n - n_out)
+        d_c = [None] * n
+        if self.extra_blocks is not None:  # P6 (and P7) hand their gradient back to P5 or C5
+            d_p5, d_c[-1] = self.extra_blocks.backward(list(grads[n_out:]))
+            d_p[-1] = _plus(d_p[-1], d_p5)
+        for name, d in zip(self.output_names, d_p[:n_out] + list(grads[n_out:])):
             self._record(self.grads, name, d)  # P5's entry includes what P6 sent back
-        # through each 3x3 output conv: dPk -> dMk
-        d_merged = [None if d is None else self.layer_blocks[i].backward(d)
-                    for i, d in enumerate(d_outputs)]
-        d_features = [None] * n
-        # fine to coarse: dMk splits into the lateral and the top-down branch; the upsample's
-        # backward sums each 2x2 block of dMk into M(k+1)
-        for i in range(n - 1):
-            k, d_m = self.levels[i], d_merged[i]
-            if d_m is None:
-                continue
-            self._record(self.grads, f"M{k}", d_m)
-            if self.fuse == "avg" and self.variant in ("fpn", "p2_only"):
-                d_m = d_m * 0.5  # M = (lateral + top-down) / 2
-            if self.variant != "no_lateral":
-                self._record(self.grads, f"lateral{k}", d_m)
-                d_features[i] = self.inner_blocks[i].backward(d_m)
-            if self.variant != "bottom_up":
-                self._record(self.grads, f"topdown{k}", d_m)
-                d_up = F.upsample_nearest_backward(d_m, self.upsample_caches[i])
-                d_merged[i + 1] = _plus(d_merged[i + 1], d_up)
-        top = n - 1
-        if d_merged[top] is not None:  # M5 = lateral5(C5)
-            self._record(self.grads, f"M{self.levels[top]}", d_merged[top])
-            self._record(self.grads, f"lateral{self.levels[top]}", d_merged[top])
-            d_features[top] = self.inner_blocks[top].backward(d_merged[top])
-        d_features[top] = _plus(d_features[top], d_to_c5)
-        for k, d in zip(self.levels, d_features):
+        d_m = [None if d is None else self.layer_blocks[i].backward(d) for i, d in enumerate(d_p)]
+        for i in range(n - 1):  # k = 2, 3, 4: fine to coarse, so each dMk is complete here
+            d_lateral, d_top_down = self._merge_backward(i, d_m[i])
+            d_c[i] = self._lateral_backward(i, d_lateral)
+            d_m[i + 1] = _plus(d_m[i + 1], self._top_down_backward(i, d_top_down))
+        d_m5 = self._trace("M", n - 1, d_m[-1], self.grads)  # M5 = lateral5(C5)
+        d_c[-1] = _plus(self._lateral_backward(n - 1, self._trace("lateral", n - 1, d_m5, self.grads)),
+                        d_c[-1])
+        for k, d in zip(self.levels, d_c):
             self._record(self.grads, f"C{k}", d)
-        return d_features
+        return d_c
 
-    def _n_used(self) -> int:
-        """How many levels get a 3x3 output conv: 1 for "p2_only", else all."""
-        return 1 if self.variant == "p2_only" else len(self.levels)
+    def _merge_backward(self, i, d_m):
+        """dM_k -> (d lateral_k, d top-down_k): an add hands its gradient to both branches."""
+        if d_m is None:
+            return None, None
+        self._trace("M", i, d_m, self.grads)
+        has_lateral, has_top_down = self.variant != "no_lateral", self.variant != "bottom_up"
+        if has_lateral and has_top_down and self.fuse == "avg":
+            d_m = d_m * 0.5  # M = (lateral + top-down) / 2
+        return (self._trace("lateral", i, d_m, self.grads) if has_lateral else None,
+                self._trace("topdown", i, d_m, self.grads) if has_top_down else None)
 
-    def _extra_backward(self, extra_grads):
-        """Gradient that P6 (and P7) send back: (to P5, to C5)."""
-        if self.extra_block == "maxpool" and extra_grads[0] is not None:
-            return F.max_pool2d_backward(extra_grads[0], self.extra_cache), None
-        if self.extra_block == "p6p7" and any(d is not None for d in extra_grads):
-            d_x = self.extra_blocks.backward(*extra_grads)
-            return (d_x, None) if self.extra_blocks.use_P5 else (None, d_x)
-        return None, None
+    def _lateral_backward(self, i, d_lateral):
+        return None if d_lateral is None else self.inner_blocks[i].backward(d_lateral)
+
+    def _top_down_backward(self, i, d_top_down):
+        """Nearest upsampling's backward: each pixel of M(k+1) gets the sum over its copies."""
+        if d_top_down is None:
+            return None
+        return F.upsample_nearest_backward(d_top_down, self.upsample_caches[i])
+
+    # ---- the trace: every intermediate map and gradient, by the paper's names ---------------
+    def _trace(self, stage, i, value, store=None):
+        """Record ``value`` as "{stage}{k}" (k = i + 2) in ``store`` (default: maps); return it."""
+        self._record(self.maps if store is None else store, f"{stage}{self.levels[i]}", value)
+        return value
+
+    def _record(self, store, name, value):
+        if self.trace and value is not None:
+            store[name] = value
 
     # ---- input checks -------------------------------------------------------------------
     def _check(self, features):
@@ -230,24 +252,42 @@ class FPN(Module):
         if not isinstance(features, (list, tuple)) or len(features) != n:
             count = len(features) if isinstance(features, (list, tuple)) else type(features).__name__
             raise ValueError(f"FPN: expected a list of {n} maps [C2..C{n + 1}], got {count}")
-        xp = get_array_module(*features)
         for k, c, expected in zip(self.levels, features, self.in_channels_list):
             if c.ndim != 4 or c.shape[1] != expected:
                 raise ValueError(f"FPN: C{k} should have shape (N, {expected}, H, W) as "
                                  f"in_channels_list says, got {tuple(c.shape)}")
         for k, fine, coarse in zip(self.levels, features, features[1:]):
-            for axis, name in ((2, "height"), (3, "width")):
-                if coarse.shape[axis] not in (fine.shape[axis] // 2, (fine.shape[axis] + 1) // 2):
-                    raise ValueError(
-                        f"FPN: sizes must halve from level to level; C{k} has {name} "
-                        f"{fine.shape[axis]}, so C{k + 1} should have {fine.shape[axis] // 2} or "
-                        f"{(fine.shape[axis] + 1) // 2}, got {coarse.shape[axis]}")
-            if coarse.shape[0] != fine.shape[0]:
-                raise ValueError(f"FPN: batch sizes differ between C{k} and C{k + 1}")
+            _check_halving(k, fine, coarse)
+        xp = get_array_module(*features)
         if not bool(xp.stack([xp.isfinite(c).all() for c in features]).all()):  # one sync for all
             for k, c in zip(self.levels, features):  # only on failure: find the level to name
                 if not bool(xp.isfinite(c).all()):
                     raise ValueError(f"FPN: C{k} contains NaN or infinite values")
+
+
+def _check_halving(k, fine, coarse):
+    """C(k+1) must be C_k halved (floor or ceil) in height and width, with the same batch."""
+    for axis, name in ((2, "height"), (3, "width")):
+        if coarse.shape[axis] not in (fine.shape[axis] // 2, (fine.shape[axis] + 1) // 2):
+            raise ValueError(
+                f"FPN: sizes must halve from level to level; C{k} has {name} "
+                f"{fine.shape[axis]}, so C{k + 1} should have {fine.shape[axis] // 2} or "
+                f"{(fine.shape[axis] + 1) // 2}, got {coarse.shape[axis]}")
+    if coarse.shape[0] != fine.shape[0]:
+        raise ValueError(f"FPN: batch sizes differ between C{k} and C{k + 1}")
+
+
+def _check_options(variant, extra_block, fuse, p6p7_from):
+    if variant not in VARIANTS:
+        raise ValueError(f"FPN: variant must be one of {list(VARIANTS)}, got {variant!r}")
+    if extra_block not in EXTRA_BLOCKS:
+        raise ValueError(f"FPN: extra_block must be one of {EXTRA_BLOCKS}, got {extra_block!r}")
+    if fuse not in ("sum", "avg"):
+        raise ValueError(f"FPN: fuse must be 'sum' or 'avg', got {fuse!r}")
+    if p6p7_from not in ("p5", "c5"):
+        raise ValueError(f"FPN: p6p7_from must be 'p5' or 'c5', got {p6p7_from!r}")
+    if variant == "p2_only" and extra_block is not None:
+        raise ValueError("FPN: variant 'p2_only' predicts from P2 alone; use extra_block=None")
 
 
 def _plus(a, b):
