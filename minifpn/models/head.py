@@ -52,7 +52,10 @@ class DetectionHead(Module):
         return all_logits, all_deltas
 
     def backward(self, d_logits, d_deltas):
-        """Per-level gradients of logits and deltas -> per-level gradients of the features."""
+        """Per-level gradients of logits and deltas -> per-level gradients of the features.
+
+        d_logits, d_deltas: lists shaped as forward's two outputs (forward returns two lists, so
+        backward takes two); returns a list of (N, in_channels, H_l, W_l)."""
         caches = self._need_cache(self.caches)
         d_features = []
         for d_l, d_d, (conv_cache, relu_cache, cls_cache, box_cache) in zip(

@@ -1,8 +1,17 @@
 """Parameter and Module: the bookkeeping that lets layers nest, as in ``torch.nn``.
 
-A Module's ``forward`` keeps what its ``backward`` needs (the cache of the last call);
-``backward(dout)`` returns the gradient of the module's input and *adds* the gradients of its
-parameters to ``param.grad``, so a parameter used twice collects both contributions.
+The backward contract, for every Module in minifpn:
+ 1. ``forward`` keeps what ``backward`` needs in caches, which ``__init__`` creates as None; a
+    ``backward`` with no cache (no forward yet) raises ``BackwardBeforeForward``.
+ 2. ``backward`` takes the gradient of what ``forward`` returned, in the same structure (one
+    array; or a list of arrays, where None means "no gradient reached this output") and returns
+    the gradient of what ``forward`` took, in the same structure. It never changes its argument.
+ 3. It *adds* the gradients of the module's parameters to ``param.grad``, so a parameter used
+    twice (a head shared across levels) collects both contributions; ``zero_grad`` clears them.
+Where forward takes or returns several things, backward mirrors it, and the class says so:
+``DetectionHead.backward(d_logits, d_deltas)`` (forward returns two lists),
+``LastLevelP6P7.backward([dP6, dP7]) -> (dP5, dC5)`` (forward takes P5 and C5), and
+``Detector.backward()``, whose forward is ``loss``: a scalar, so its gradient is 1.
 """
 from __future__ import annotations
 
