@@ -6,7 +6,6 @@ and exit status 2, before a folder is made or a weight is drawn."""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -16,7 +15,8 @@ import sys
 import tempfile
 import time
 
-from .models.detector import SETTINGS, TABLE1, DetectorConfig
+from . import table1
+from .models.detector import DetectorConfig
 
 DEFAULTS = DetectorConfig()
 DEMO_ITERATIONS = 1600  # about 245 s on 2 cores; the schedule's decays land inside the run
@@ -109,26 +109,23 @@ def widths_list(text: str) -> tuple:
     return widths
 
 
-_SETTING_NAMES = f"{', '.join(SETTINGS)} or a Table 1 letter a-f"
-
-
 def setting_name(text: str) -> str:
     """A Table 1 setting, by name (fpn) or letter (c) -> its name."""
-    name = TABLE1.get(text.strip(), text.strip())
-    if name not in SETTINGS:
-        raise argparse.ArgumentTypeError(f"must be one of {_SETTING_NAMES}, got {text}")
-    return name
+    try:
+        return table1.resolve(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be one of {table1.CHOICES}, got {text}") from None
 
 
 def settings_list(text: str) -> list:
     """Table 1 settings "a,b,c" -> their names, in the order given."""
     parts = [p.strip() for p in text.split(",")]
-    unknown = [p for p in parts if TABLE1.get(p, p) not in SETTINGS]
+    unknown = [p for p in parts if table1.LETTERS.get(p, p) not in table1.SETTINGS]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"must be Table 1 settings separated by commas ({_SETTING_NAMES}), got {text}: "
+            f"must be Table 1 settings separated by commas ({table1.CHOICES}), got {text}: "
             f"unknown {', '.join(repr(p) for p in unknown)}")
-    return [TABLE1.get(p, p) for p in parts]
+    return [table1.resolve(p) for p in parts]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,6 +171,12 @@ def _run_dir(args) -> str:
 def validate(args, error) -> None:
     """The checks that need more than one option or the machine; ``error`` is the job's
     parser.error. Runs after parsing and before any work."""
+    _validate_options(args, error)
+    _validate_paths(args, error)
+
+
+def _validate_options(args, error) -> None:
+    """Options that must agree with each other, and a backend that must be installed."""
     if getattr(args, "negative_iou", None) is not None and args.negative_iou >= args.positive_iou:
         error(f"--negative-iou must be below --positive-iou, got {args.negative_iou:g} >= "
               f"{args.positive_iou:g}")
@@ -185,6 +188,10 @@ def validate(args, error) -> None:
             get_backend(args.backend)
         except BackendError as e:
             error(f"--backend {args.backend} cannot be used: {e}")
+
+
+def _validate_paths(args, error) -> None:
+    """The checkpoint to read, the folder to write to, the run to resume."""
     if args.job == "evaluate":
         if not os.path.exists(args.checkpoint):
             error(f"checkpoint {args.checkpoint} does not exist")
@@ -288,44 +295,29 @@ def _train_config(args):
                        warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every)
 
 
-def _train_and_report(args, run_dir: str, artifacts: bool = True) -> dict:
+def _train_and_report(args, run_dir: str) -> dict:
     """Train (or resume), evaluate on the test split, print the AP/AR table and write
-    metrics.json (and the figures) into ``run_dir``."""
-    from .detection.metrics import format_metrics
+    metrics.json and the figures into ``run_dir``."""
     from .models.detector import Detector
-    from .train import evaluate_detector, train
+    from .train import train_and_evaluate
 
     detector = Detector(_detector_config(args)).to(args.backend)
-    tcfg = _train_config(args)
-    options = {}
-    if "allow_changes" in inspect.signature(train).parameters:  # resume across a schedule change
-        options["allow_changes"] = getattr(args, "allow_changes", False)
-    start = time.perf_counter()
-    history = train(detector, tcfg, run_dir, resume=getattr(args, "resume", False),
-                    progress=not args.quiet, time_limit=args.time_limit or None, **options)
-    train_seconds = time.perf_counter() - start
-    metrics, detections, truths = evaluate_detector(detector, "test", args.eval_scenes)
-    total = time.perf_counter() - start
-    steps = len(history["iteration"])
-    # history["images_seen"] stays right across a resume with another --batch-size
-    images_seen = (history["images_seen"][-1] if history.get("images_seen")
-                   else steps * tcfg.batch_size)
-    stopped_early = steps < tcfg.iterations  # train() returns early only when the time limit fires
-    summary = {"setting": detector.config.setting, "metrics": metrics,
-               "iterations": steps, "images_seen": images_seen,
-               "stopped_by_time_limit": stopped_early,
-               "train_seconds": round(train_seconds, 1), "total_seconds": round(total, 1),
-               "test_scenes": args.eval_scenes, "detector_config": detector.config.to_dict()}
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"\n{detector.config.setting}: {summary['iterations']} iterations "
-          f"({images_seen} images) in {train_seconds:.0f} s; test split, {args.eval_scenes} scenes:")
-    print(format_metrics(metrics))
-    if artifacts:
-        _write_figures(detector, history, detections, truths, run_dir)
-        print(f"\nwrote {run_dir}/: metrics.json, checkpoint.npz, loss_curve.png, "
-              f"detections.png, pyramid.png")
+    summary, history, detections, truths = train_and_evaluate(
+        detector, _train_config(args), run_dir, args.eval_scenes, resume=getattr(args, "resume", False),
+        progress=not args.quiet, time_limit=args.time_limit or None,
+        allow_changes=getattr(args, "allow_changes", False))
+    _print_summary(summary)
+    _write_figures(detector, history, detections, truths, run_dir)
+    print(f"\nwrote {run_dir}/: metrics.json, checkpoint.npz, loss_curve.png, detections.png, pyramid.png")
     return summary
+
+
+def _print_summary(summary: dict) -> None:
+    """A finished run's steps, time and AP/AR table, as ``train_and_evaluate`` summarised it."""
+    from .detection.metrics import format_metrics
+    print(f"\n{summary['setting']}: {summary['iterations']} iterations ({summary['images_seen']} images) "
+          f"in {summary['train_seconds']:.0f} s; test split, {summary['test_scenes']} scenes:")
+    print(format_metrics(summary["metrics"]))
 
 
 def _report_early_stop(args, summary: dict) -> None:
@@ -388,61 +380,32 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-# Lin et al. 2017, Table 1 (RPN proposals on COCO minival), in %: AR^1k, AR^1k_s, AR^1k_m,
-# AR^1k_l, i.e. recall with 1000 proposals per image, overall and by object size.
-PAPER_TABLE1 = {
-    "c4": (48.3, 32.0, 58.7, 62.2), "c5": (44.9, 25.3, 55.5, 64.2),
-    "fpn": (56.3, 44.9, 63.4, 66.2), "bottom_up": (49.5, 30.5, 59.9, 68.0),
-    "no_lateral": (46.1, 26.5, 57.4, 64.7), "p2_only": (51.3, 35.1, 59.7, 67.6),
-}
-PAPER_TABLE1_AR100 = {"c4": 36.1, "c5": 36.3, "fpn": 44.0, "bottom_up": 37.4,
-                      "no_lateral": 34.5, "p2_only": 38.4}  # the paper's AR^100 column
-
-
-def ablation_table(summaries: list) -> str:
-    """Markdown table of the settings at one budget, beside the paper's Table 1. Ours keep at
-    most 100 detections per 128-px scene of at most 5 digits; we set them beside the paper's
-    AR^1k (1000 proposals per COCO image of about 7 objects), and show its AR^100 too."""
-    from .models.detector import SETTINGS
-    lines = ["| setting | AR@100 | AR_s | AR_m | AR_l | AP | AP50 | paper AR^100 | paper AR^1k | "
-             "paper AR^1k_s | paper AR^1k_m | paper AR^1k_l |", "|" + "---|" * 12]
-    for s in summaries:
-        m = s["metrics"]
-        paper = (PAPER_TABLE1_AR100[s["setting"]],) + PAPER_TABLE1[s["setting"]]
-        cells = [SETTINGS[s["setting"]]] + [f"{100 * m[k]:.1f}" for k in
-                                            ("AR@100", "AR_small", "AR_medium", "AR_large", "AP", "AP50")]
-        lines.append("| " + " | ".join(cells + [f"{v:.1f}" for v in paper]) + " |")
-    return "\n".join(lines)
-
-
 def cmd_ablation(args) -> int:
-    summaries = []
-    for setting in args.settings:
-        args.setting = setting
-        print(f"\n=== {setting} ===")
-        summaries.append(_train_and_report(args, os.path.join(args.runs, args.name, setting),
-                                           artifacts=False))
-        _report_early_stop(args, summaries[-1])
-    table = ablation_table(summaries)
-    with open(os.path.join(args.runs, args.name, "table1.json"), "w") as f:
-        json.dump(summaries, f, indent=2)
-    out = os.path.join(args.runs, args.name, "table1.md")
-    with open(out, "w") as f:
-        f.write(f"Table 1 at this scale: {args.iterations} iterations of batch {args.batch_size} "
-                f"each, test split ({args.eval_scenes} scenes). Numbers in %.\n\n{table}\n")
-    print("\n" + table + f"\n\nwrote {out}")
+    from .train import TrainingInterrupted
+
+    def report(summary):
+        _print_summary(summary)
+        _report_early_stop(args, summary)
+
+    try:
+        table1.run_ablation(args.settings, _detector_config(args), _train_config(args),
+                            os.path.join(args.runs, args.name), args.eval_scenes, backend=args.backend,
+                            progress=not args.quiet, time_limit=args.time_limit or None, report=report)
+    except TrainingInterrupted as e:  # the resume command names the setting cut short: RUNS/NAME/SETTING
+        args.setting = os.path.basename(os.path.dirname(e.path))
+        raise
     return 0
 
 
 # ---- the parser ------------------------------------------------------------------------------
 
-def _training_options(p, iterations, time_limit=0, name=None, num_classes=DEFAULTS.num_classes):
+def _training_options(p, iterations, time_limit=0, name=None):
     from . import train as train_module
     train = train_module.TrainConfig()
     base_lr, base_batch = (getattr(train_module, "BASE_LR", None), getattr(train_module, "BASE_BATCH", None))
     p.add_argument("--setting", type=setting_name, default=DEFAULTS.setting,
-                   help="Table 1 setting: fpn (c), c4 (a), c5 (b), bottom_up (d), no_lateral (e), "
-                        "p2_only (f); the letters a-f work too")
+                   help="Table 1 setting, by name or letter: "
+                        + ", ".join(f"{s.name} ({s.letter})" for s in table1.SETTINGS.values()))
     p.add_argument("--iterations", type=positive_int, default=iterations, help="training steps")
     p.add_argument("--batch-size", type=positive_int, default=train.batch_size, help="scenes per step")
     p.add_argument("--lr", type=positive_float, default=train.lr,
@@ -453,7 +416,7 @@ def _training_options(p, iterations, time_limit=0, name=None, num_classes=DEFAUL
                    help="d: channels of the pyramid and head")
     p.add_argument("--widths", type=widths_list, default=",".join(map(str, DEFAULTS.widths)),
                    metavar="W2,W3,W4,W5", help="ResNet stage widths of C2..C5, comma-separated")
-    p.add_argument("--num-classes", type=positive_int, default=num_classes,
+    p.add_argument("--num-classes", type=positive_int, default=DEFAULTS.num_classes,
                    help="10: detect and name the digits; 1: the paper's RPN (object or not)")
     p.add_argument("--anchors-per-image", type=positive_int, default=DEFAULTS.anchors_per_image,
                    help="anchors sampled per image for the loss")
@@ -528,15 +491,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_evaluate)
 
     p = job("ablation", help="train the six Table 1 settings at one budget and compare",
-            description="Train each Table 1 setting, (a) C4, (b) C5, (c) FPN, (d) bottom-up, (e) "
-                        "no lateral, (f) P2 only, with the same number of steps, evaluate each, and "
-                        "write a markdown table (AR@100, AR_s, AR_m, AR_l, AP) beside the paper's "
-                        "numbers to RUNS/NAME/table1.md. As in the paper's Table 1 the default is an "
-                        "RPN (--num-classes 1: every digit is 'an object'), with the paper's anchor "
-                        "labelling (IoU >= 0.7 positive, < 0.3 negative).")
-    _training_options(p, 600, name="ablation", num_classes=1)
-    p.set_defaults(positive_iou=0.7, negative_iou=0.3, anchors_per_image=256)  # the paper's
-    p.add_argument("--settings", type=settings_list, default="a,b,c,d,e,f", metavar="a,b,c",
+            description="Train each Table 1 setting, "
+                        + ", ".join(f"({s.letter}) {s.name}" for s in table1.SETTINGS.values())
+                        + ", with the same number of steps, evaluate each, and write a markdown table "
+                        "(AR@100, AR_s, AR_m, AR_l, AP) beside the paper's numbers to RUNS/NAME/table1.md "
+                        "(minifpn.table1 runs it). As in the paper's Table 1 the default is an RPN "
+                        "(--num-classes 1: every digit is 'an object'), with the paper's anchor "
+                        "labelling (IoU >= 0.7 positive, < 0.3 negative, 256 anchors per image).")
+    _training_options(p, table1.ITERATIONS, name="ablation")
+    p.set_defaults(**table1.PAPER_RPN)  # the paper's RPN, in place of DetectorConfig's detector
+    p.add_argument("--settings", type=settings_list, default=",".join(table1.LETTERS), metavar="a,b,c",
                    help="Table 1 settings to train, comma-separated: letters a-f or names")
     p.set_defaults(run=cmd_ablation)
 

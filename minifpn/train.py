@@ -367,3 +367,36 @@ __all__ = ["BASE_BATCH", "BASE_LR", "CheckpointError", "TrainConfig", "TrainingD
            "TrainingInterrupted", "check_arrays_match", "check_same_config", "detector_from_checkpoint",
            "evaluate_detector", "load_checkpoint", "save_checkpoint", "schedule_changes", "train",
            "weight_norms"]
+
+
+# ---- one run: train, then evaluate (the CLI's demo/train jobs and minifpn.table1's runner) ------
+
+def train_and_evaluate(detector: Detector, config: TrainConfig, run_dir: str, eval_scenes: int,
+                       resume: bool = False, progress: bool = True, time_limit: float | None = None,
+                       allow_changes: bool = False):
+    """Train ``detector`` (``train``, same options), evaluate it on ``eval_scenes`` test scenes and
+    write the run's summary to ``run_dir``/metrics.json. Prints nothing but ``train``'s progress.
+
+    Returns (summary, history, detections, truths): summary is the dict in metrics.json
+    (setting, metrics, iterations, images_seen, stopped_by_time_limit, seconds, test_scenes,
+    detector_config); history is ``train``'s; detections and truths are ``evaluate_detector``'s."""
+    start = time.perf_counter()
+    history = train(detector, config, run_dir, resume=resume, progress=progress, time_limit=time_limit,
+                    allow_changes=allow_changes)
+    train_seconds = time.perf_counter() - start
+    metrics, detections, truths = evaluate_detector(detector, "test", eval_scenes)
+    steps = len(history["iteration"])
+    # history["images_seen"] stays right across a resume with another batch size
+    images_seen = history["images_seen"][-1] if history.get("images_seen") else steps * config.batch_size
+    summary = {"setting": detector.config.setting, "metrics": metrics,
+               "iterations": steps, "images_seen": images_seen,
+               "stopped_by_time_limit": steps < config.iterations,  # train() stops early only then
+               "train_seconds": round(train_seconds, 1),
+               "total_seconds": round(time.perf_counter() - start, 1),
+               "test_scenes": eval_scenes, "detector_config": detector.config.to_dict()}
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary, history, detections, truths
+
+
+__all__ += ["train_and_evaluate"]

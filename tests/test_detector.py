@@ -4,8 +4,9 @@ import pytest
 
 from minifpn.data import DigitScenes
 from minifpn.gradcheck import directional_check, numerical_gradient, rel_error
-from minifpn.models.detector import SETTINGS, Detector, DetectorConfig, pad_images
+from minifpn.models.detector import Detector, DetectorConfig, pad_images
 from minifpn.nn import init
+from minifpn.table1 import SETTINGS
 
 # The loss is one scalar, so its rounding (about 1e-16 * |loss|, over 2h) cannot cancel term by
 # term as it does for array outputs: h = 3e-6 balances that noise against the chance that a step

@@ -1,13 +1,8 @@
 """The detector: bottom-up ResNet, FPN (or one backbone map), and a head shared across levels.
 
-``setting`` switches between the rows of the paper's Table 1 (an RPN ablation there; here a
-10-digit detector, so K = 10, and K = 1 gives the paper's RPN exactly):
-    (a) "c4"          single scale: the head on C4, anchors of every size there
-    (b) "c5"          single scale: the head on C5
-    (c) "fpn"         feature pyramid: P2..P6, one anchor size per level
-    (d) "bottom_up"   bottom-up pyramid (no top-down pathway)
-    (e) "no_lateral"  top-down pyramid without lateral connections
-    (f) "p2_only"     the full pathway, but only P2, with anchors of every size
+``setting`` switches between the rows (a)-(f) of the paper's Table 1, named and described in
+``minifpn.table1.SETTINGS`` (an RPN ablation there; here a 10-digit detector, so K = 10, and
+K = 1 gives the paper's RPN exactly).
 Images must have sides that are multiples of 32 (the stride of C5): use ``pad_images``.
 """
 from __future__ import annotations
@@ -17,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import functional as F
+from .. import table1
 from ..backend import DEFAULT_DTYPE, backend_name, default_rng, get_array_module, to_device, to_numpy
 from ..detection.anchors import grid_anchors, match_anchors, sample_anchors
 from ..detection.boxes import batched_nms, clip_boxes, decode, encode
@@ -26,15 +22,6 @@ from .fpn import FPN
 from .head import DetectionHead
 from .resnet import ResNet
 
-SETTINGS = {
-    "c4": "(a) single-scale: head on C4",
-    "c5": "(b) single-scale: head on C5",
-    "fpn": "(c) FPN: P2..P6, one anchor size per level",
-    "bottom_up": "(d) bottom-up pyramid, no top-down pathway",
-    "no_lateral": "(e) top-down pyramid without lateral connections",
-    "p2_only": "(f) only the finest level P2, anchors of every size",
-}
-TABLE1 = {"a": "c4", "b": "c5", "c": "fpn", "d": "bottom_up", "e": "no_lateral", "f": "p2_only"}
 TOP_STRIDE = 32
 
 
@@ -65,10 +52,7 @@ class DetectorConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.setting = TABLE1.get(self.setting, self.setting)
-        if self.setting not in SETTINGS:
-            raise ValueError(f"setting must be one of {list(SETTINGS)} or a Table 1 letter "
-                             f"{list(TABLE1)}, got {self.setting!r}")
+        self.setting = table1.resolve(self.setting)  # a Table 1 letter ("c") becomes its name
         # NumPy integer scalars become Python ints (the config is saved as JSON); bools and
         # floats such as 2.5 are refused, with the field's name
         for name in ("num_classes", "in_channels", "stem_kernel", "channels", "anchors_per_image"):
@@ -81,17 +65,6 @@ class DetectorConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def pad_images(images, multiple: int = TOP_STRIDE):
-    """Pad (N, C, H, W) images with zeros at the bottom and right so H and W are multiples of
-    ``multiple``. Boxes (x1, y1, x2, y2) stay valid, since the top-left corner does not move."""
-    xp = get_array_module(images)
-    N, C, H, W = images.shape
-    H2, W2 = -(-H // multiple) * multiple, -(-W // multiple) * multiple
-    out = xp.zeros((N, C, H2, W2), dtype=images.dtype)
-    out[:, :, :H, :W] = images
-    return out
 
 
 class Detector(Module):
@@ -297,60 +270,6 @@ class Detector(Module):
             results.append({"boxes": boxes[keep].astype(np.float32), "scores": scores[keep],
                             "labels": labels[keep]})
         return results
-
-    # ---- input checks -------------------------------------------------------------------------
-    def _check_images(self, images, values: bool = True):
-        """Shape (N, in_channels, H, W) with H, W multiples of 32; with ``values``, also no NaN
-        or infinity (one device-to-host sync; the count and place only on failure)."""
-        c = self.config.in_channels
-        if getattr(images, "ndim", None) != 4 or images.shape[1] != c:
-            raise ValueError(f"Detector: expected images of shape (N, {c}, H, W), "
-                             f"got {getattr(images, 'shape', type(images).__name__)}")
-        H, W = images.shape[2:]
-        if H % TOP_STRIDE or W % TOP_STRIDE:
-            raise ValueError(f"Detector: image sides must be multiples of {TOP_STRIDE} (the stride "
-                             f"of C5), got {H}x{W}; pad them with minifpn.models.detector."
-                             f"pad_images(images), which adds zeros at the bottom and right")
-        if values and not bool(get_array_module(images).isfinite(images).all()):
-            bad = ~np.isfinite(to_numpy(images))
-            n, channel, row, column = (int(i) for i in np.argwhere(bad)[0])
-            what, where = "pixels", f"image {n}, row {row}, column {column}"
-            if c > 1:
-                what, where = "pixel values", f"image {n}, channel {channel}, row {row}, column {column}"
-            raise ValueError(f"Detector: images contain NaN or infinite values ({int(bad.sum())} of "
-                             f"{bad.size} {what}, first at {where})")
-
-    def _check_targets(self, boxes, labels, N, H, W):
-        if len(boxes) != N or len(labels) != N:
-            raise ValueError(f"Detector.loss: expected boxes and labels for each of the {N} "
-                             f"images, got {len(boxes)} and {len(labels)}")
-        for n in range(N):
-            b = to_numpy(boxes[n]).astype(np.float64).reshape(-1, 4)
-            lab = to_numpy(labels[n]).reshape(-1)
-            if lab.size and lab.dtype.kind not in "iu":  # an empty list is float64: allowed
-                raise ValueError(f"Detector.loss: labels of image {n} must be integers (class "
-                                 f"indices), got dtype {lab.dtype} {lab.tolist()}; float labels "
-                                 f"are refused even when whole (1.0): use an int array")
-            if len(b) != len(lab):
-                raise ValueError(f"Detector.loss: image {n} has {len(b)} boxes but "
-                                 f"{len(lab)} labels")
-            if not np.isfinite(b).all():
-                raise ValueError(f"Detector.loss: image {n} has a non-finite box")
-            outside = (b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > W) | (b[:, 3] > H)
-            if outside.any():
-                i = int(np.flatnonzero(outside)[0])
-                raise ValueError(f"Detector.loss: box {i} of image {n}, {b[i].tolist()}, lies "
-                                 f"outside the {W}x{H} image; boxes are (x1, y1, x2, y2) with "
-                                 f"0 <= x1 < x2 <= {W} and 0 <= y1 < y2 <= {H}")
-            empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
-            if empty.any():
-                i = int(np.flatnonzero(empty)[0])
-                raise ValueError(f"Detector.loss: box {i} of image {n}, {b[i].tolist()}, has zero "
-                                 f"area; expected x1 < x2 and y1 < y2")
-            if len(lab) and (lab.min() < 0 or lab.max() >= self.config.num_classes):
-                raise ValueError(f"Detector.loss: labels of image {n} must lie in "
-                                 f"[0, {self.config.num_classes}), got {lab.tolist()}")
-
 
 def _flatten(x, per_anchor: int):
     """(N, A * per_anchor, H, W) -> (N, H * W * A, per_anchor), rows in (y, x, anchor) order."""

@@ -1,0 +1,134 @@
+"""The paper's Table 1 (Lin et al. 2017, Sec. 5.1): which feature maps should the RPN look at?
+
+Everything about that experiment lives here, in one place:
+
+- ``SETTINGS``: the six rows (a)-(f), in the paper's order, each with its letter, its name (the
+  ``setting`` of ``DetectorConfig``) and one description; ``LETTERS`` maps letters to names and
+  ``resolve`` accepts either;
+- ``PAPER_AR1K``, ``PAPER_AR100``: the paper's numbers; ``PAPER_RPN``: how it trains the RPNs;
+- ``run_ablation``: train every setting at one budget, evaluate each, and write table1.json and
+  table1.md (the ``minifpn ablation`` command only parses its options and calls it);
+- ``markdown_table``: our numbers beside the paper's.
+
+How a setting is wired (which maps the head sees, which FPN variant) is up to
+``minifpn.models.detector.Detector`` and ``minifpn.models.fpn.FPN``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of Table 1: its letter in the paper, its name here, what the head sees."""
+
+    letter: str
+    name: str
+    description: str
+
+    @property
+    def label(self) -> str:
+        """"(c) FPN: P2..P6, one anchor size per level": the row as tables print it."""
+        return f"({self.letter}) {self.description}"
+
+
+SETTINGS = {s.name: s for s in (  # in the paper's order, (a) to (f)
+    Setting("a", "c4", "single-scale: head on C4, anchors of every size there"),
+    Setting("b", "c5", "single-scale: head on C5, anchors of every size there"),
+    Setting("c", "fpn", "FPN: P2..P6, one anchor size per level"),
+    Setting("d", "bottom_up", "bottom-up pyramid, no top-down pathway"),
+    Setting("e", "no_lateral", "top-down pyramid without lateral connections"),
+    Setting("f", "p2_only", "only the finest level P2 of the full pathway, anchors of every size"),
+)}
+LETTERS = {s.letter: s.name for s in SETTINGS.values()}  # "c" -> "fpn"
+# what resolve accepts, as its error message (and the CLI's) lists it
+CHOICES = f"{', '.join(SETTINGS)} or a Table 1 letter {min(LETTERS)}-{max(LETTERS)}"
+
+# The paper's Table 1 (RPN proposals of ResNet-50 on COCO minival), in %. PAPER_AR1K: average
+# recall with 1000 proposals per image, overall and for small, medium and large objects
+# (AR^1k, AR^1k_s, AR^1k_m, AR^1k_l); PAPER_AR100: its AR^100 column, with 100 proposals.
+PAPER_AR1K = {
+    "c4": (48.3, 32.0, 58.7, 62.2), "c5": (44.9, 25.3, 55.5, 64.2),
+    "fpn": (56.3, 44.9, 63.4, 66.2), "bottom_up": (49.5, 30.5, 59.9, 68.0),
+    "no_lateral": (46.1, 26.5, 57.4, 64.7), "p2_only": (51.3, 35.1, 59.7, 67.6),
+}
+PAPER_AR100 = {"c4": 36.1, "c5": 36.3, "fpn": 44.0, "bottom_up": 37.4, "no_lateral": 34.5, "p2_only": 38.4}
+
+# How the paper trains the RPNs of Table 1 (Sec. 4.1, 5.1): one class, "object"; an anchor is
+# positive at IoU >= 0.7 with a box and negative below 0.3 with every box; 256 anchors sampled per
+# image. DetectorConfig fields: the defaults of `minifpn ablation`.
+PAPER_RPN = {"num_classes": 1, "positive_iou": 0.7, "negative_iou": 0.3, "anchors_per_image": 256}
+ITERATIONS = 600  # training steps per setting of `minifpn ablation` (the run in docs/results.md)
+
+# our columns: metrics keys of minifpn.detection.metrics.evaluate, as table headings
+OUR_COLUMNS = {"AR@100": "AR@100", "AR_small": "AR_s", "AR_medium": "AR_m", "AR_large": "AR_l",
+               "AP": "AP", "AP50": "AP50"}
+PAPER_COLUMNS = ("paper AR^100", "paper AR^1k", "paper AR^1k_s", "paper AR^1k_m", "paper AR^1k_l")
+
+
+def resolve(setting: str) -> str:
+    """A Table 1 setting by name ("fpn") or letter ("c") -> its name ("fpn")."""
+    key = setting.strip() if isinstance(setting, str) else setting
+    name = LETTERS.get(key, key)
+    if name not in SETTINGS:
+        raise ValueError(f"setting must be one of {CHOICES}, got {setting!r}")
+    return name
+
+
+def markdown_table(summaries: list) -> str:
+    """A markdown table of our runs beside the paper's Table 1, one row per summary (as
+    ``minifpn.train.train_and_evaluate`` returns it: "setting" and "metrics" are read), in %.
+
+    Ours keep at most 100 detections per 128-px scene of at most 5 digits; we set them beside the
+    paper's AR^1k (1000 proposals per COCO image of about 7 objects), and show its AR^100 too."""
+    headings = ["setting", *OUR_COLUMNS.values(), *PAPER_COLUMNS]
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    for summary in summaries:
+        name, metrics = summary["setting"], summary["metrics"]
+        ours = [f"{100 * metrics[key]:.1f}" for key in OUR_COLUMNS]
+        paper = [f"{v:.1f}" for v in (PAPER_AR100[name], *PAPER_AR1K[name])]
+        lines.append("| " + " | ".join([SETTINGS[name].label, *ours, *paper]) + " |")
+    return "\n".join(lines)
+
+
+def run_ablation(settings, detector_config, train_config, out_dir: str, eval_scenes: int,
+                 backend: str = "numpy", progress: bool = True, time_limit: float | None = None,
+                 log=print, report=None) -> list:
+    """Train each of ``settings`` (names or letters) with the same ``train_config``, evaluate each
+    on ``eval_scenes`` test scenes, and write ``out_dir``/table1.json (the summaries) and
+    ``out_dir``/table1.md (``markdown_table``). Returns the summaries, in the order given.
+
+    ``detector_config`` (a DetectorConfig) is copied with each setting in turn, so every row has
+    the same backbone, width, anchors and seed; the paper's Table 1 is an RPN, ``num_classes=1``.
+    Setting s trains in ``out_dir``/s (checkpoint.npz, metrics.json). ``time_limit`` (seconds)
+    applies to each setting. ``log`` gets the progress lines; ``report``, if given, is called with
+    each summary as soon as its setting is done (the CLI prints the metrics there)."""
+    from .models.detector import Detector  # here, not at the top: models/ may import this module
+    from .train import train_and_evaluate
+
+    summaries = []
+    for name in [resolve(s) for s in settings]:  # a bad name fails before any training
+        log(f"\n=== {SETTINGS[name].label} ===")
+        detector = Detector(dataclasses.replace(detector_config, setting=name)).to(backend)
+        summary, _, _, _ = train_and_evaluate(detector, train_config, os.path.join(out_dir, name),
+                                              eval_scenes, progress=progress, time_limit=time_limit)
+        summaries.append(summary)
+        if report is not None:
+            report(summary)
+    table = markdown_table(summaries)
+    with open(os.path.join(out_dir, "table1.json"), "w") as f:
+        json.dump(summaries, f, indent=2)
+    out = os.path.join(out_dir, "table1.md")
+    with open(out, "w") as f:
+        f.write(f"Table 1 at this scale: {train_config.iterations} iterations of batch "
+                f"{train_config.batch_size} each, test split ({eval_scenes} scenes). Numbers in %.\n\n"
+                f"{table}\n")
+    log("\n" + table + f"\n\nwrote {out}")
+    return summaries
+
+
+__all__ = ["CHOICES", "ITERATIONS", "LETTERS", "PAPER_AR100", "PAPER_AR1K", "PAPER_RPN", "SETTINGS",
+           "Setting", "markdown_table", "resolve", "run_ablation"]
