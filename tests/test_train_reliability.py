@@ -3,7 +3,6 @@ stable at every batch size, Ctrl-C keeps the last completed step, resume refuses
 and a checkpoint that disagrees with its own configuration is named as such."""
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -60,10 +59,9 @@ def test_training_uses_the_scaled_lr(tmp_path):
 @pytest.mark.slow
 def test_default_recipe_does_not_diverge_at_batch_1_2_16(tmp_path):
     """The demo detector (DetectorConfig() defaults) with TrainConfig's defaults: 300 steps at
-    batch 1 and 2 and 120 at batch 16 (300 would take over 2 minutes alone on one core), all with
-    the divergence checks on. Measured in docs/results.md."""
-    began = time.perf_counter()
-    for batch_size, steps in ((1, 300), (2, 300), (16, 120)):
+    batch 1, 2 and 16, all with the divergence checks on (about 3 minutes on one core with one
+    BLAS thread, most of it batch 16). Measured in docs/results.md."""
+    for batch_size, steps in ((1, 300), (2, 300), (16, 300)):
         config = TrainConfig(iterations=steps, batch_size=batch_size, checkpoint_every=10 ** 6)
         history = train(Detector(DetectorConfig()), config, str(tmp_path / f"b{batch_size}"),
                         progress=False)
@@ -74,7 +72,6 @@ def test_default_recipe_does_not_diverge_at_batch_1_2_16(tmp_path):
         # the margin under the explosion check: measured at most 2.7x (batch 1), checked at 10x
         worst = max(loss[i] / np.median(loss[max(0, i - 50):i]) for i in range(20, steps))
         assert worst < 5, (batch_size, worst)
-    assert time.perf_counter() - began < 400  # the budget this test is sized for, with room
 
 
 # ---- divergence ------------------------------------------------------------------------------------
