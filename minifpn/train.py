@@ -164,7 +164,7 @@ def detector_from_checkpoint(path, backend: str = "numpy"):
     """Rebuild the detector a checkpoint was trained with and load its weights."""
     ckpt = load_checkpoint(path)
     try:
-        config = DetectorConfig(**ckpt["meta"]["detector_config"])
+        config = DetectorConfig.from_dict(ckpt["meta"]["detector_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has no usable detector configuration "
                               f"({type(e).__name__}: {e})") from e

@@ -46,8 +46,10 @@ def test_detector_gradients_end_to_end(setting, rng):
     assert np.isfinite(value) and value > 0
     det.zero_grad()
     dx = det.backward()
-    checked = [("head.conv.weight", det.head.conv.weight), ("head.cls_logits.weight", det.head.cls_logits.weight),
-               ("head.bbox_pred.weight", det.head.bbox_pred.weight), ("head.bbox_pred.bias", det.head.bbox_pred.bias),
+    checked = [("head.conv.weight", det.head.conv.weight),
+               ("head.cls_logits.weight", det.head.cls_logits.weight),
+               ("head.bbox_pred.weight", det.head.bbox_pred.weight),
+               ("head.bbox_pred.bias", det.head.bbox_pred.bias),
                ("backbone.conv1.weight", det.backbone.conv1.weight),
                ("backbone.layer3.0.bn1.weight", det.backbone.layer3[0].bn1.weight)]
     if setting != "c4":

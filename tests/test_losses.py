@@ -99,3 +99,18 @@ def test_loss_shape_errors():
         F.softmax_cross_entropy(np.zeros((3, 4)), np.zeros(2, int))
     with pytest.raises(ValueError, match="must have one shape"):
         F.smooth_l1(np.zeros((3, 4)), np.zeros((3, 3)))
+
+
+def test_two_way_softmax_is_binary_cross_entropy_on_the_logit_difference(make, rng):
+    """Why the RPN (K = 1) may use a 2-way softmax: CE([a, b], t) = BCE(b - a, t), and likewise
+    the gradient: d/db = -d/da = BCE's gradient."""
+    logits = rng.standard_normal((20, 2))
+    targets = rng.integers(0, 2, 20)
+    ce, ce_cache = F.softmax_cross_entropy(make(logits), make(targets), 5.0)
+    bce, bce_cache = F.binary_cross_entropy_with_logits(
+        make(logits[:, 1] - logits[:, 0]), make(targets.astype(np.float64)), 5.0)
+    np.testing.assert_allclose(to_numpy(ce), to_numpy(bce), rtol=1e-12)
+    d_ce = to_numpy(F.softmax_cross_entropy_backward(1.0, ce_cache))
+    d_bce = to_numpy(F.binary_cross_entropy_with_logits_backward(1.0, bce_cache))
+    np.testing.assert_allclose(d_ce[:, 1], d_bce, rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(d_ce[:, 0], -d_bce, rtol=1e-10, atol=1e-15)

@@ -1,8 +1,12 @@
-"""Boxes, anchors, matching, sampling, NMS and COCO-style metrics (host-side NumPy)."""
+"""Boxes, anchors, training targets (match, sample, encode), post-processing (decode, clip, NMS)
+and COCO-style metrics (host-side NumPy)."""
 from .anchors import ANCHOR_SIZES, ASPECT_RATIOS, cell_anchors, grid_anchors, match_anchors, sample_anchors
 from .boxes import batched_nms, box_area, box_iou, clip_boxes, decode, encode, nms
 from .metrics import evaluate, format_metrics
+from .postprocess import MIN_BOX_SIZE, postprocess_image
+from .targets import Targets, batch_targets, image_targets
 
-__all__ = ["ANCHOR_SIZES", "ASPECT_RATIOS", "batched_nms", "box_area", "box_iou", "cell_anchors",
-           "clip_boxes", "decode", "encode", "evaluate", "format_metrics", "grid_anchors",
-           "match_anchors", "nms", "sample_anchors"]
+__all__ = ["ANCHOR_SIZES", "ASPECT_RATIOS", "MIN_BOX_SIZE", "Targets", "batch_targets", "batched_nms",
+           "box_area", "box_iou", "cell_anchors", "clip_boxes", "decode", "encode", "evaluate",
+           "format_metrics", "grid_anchors", "image_targets", "match_anchors", "nms",
+           "postprocess_image", "sample_anchors"]

@@ -18,7 +18,8 @@ from .upsample import nearest_source_index, upsample_nearest, upsample_nearest_b
 __all__ = [
     "add", "add_backward", "binary_cross_entropy_with_logits",
     "binary_cross_entropy_with_logits_backward", "smooth_l1", "smooth_l1_backward",
-    "softmax_cross_entropy", "softmax_cross_entropy_backward", "batch_norm", "batch_norm_backward", "col2im", "conv2d",
+    "softmax_cross_entropy", "softmax_cross_entropy_backward", "batch_norm", "batch_norm_backward",
+    "col2im", "conv2d",
     "conv2d_backward", "conv2d_simple", "conv_output_size", "im2col", "max_pool2d",
     "max_pool2d_backward", "nearest_source_index", "relu", "relu_backward",
     "upsample_nearest", "upsample_nearest_backward",

@@ -1,6 +1,8 @@
-"""Detection losses with hand-written backward: softmax cross-entropy (classes), sigmoid binary
-cross-entropy (objectness, K = 1) and Smooth L1 (box deltas). Each returns a 0-d loss, summed
-over its rows and divided by ``normalizer`` (the number of sampled anchors)."""
+"""Detection losses with hand-written backward: softmax cross-entropy (classes) and Smooth L1
+(box deltas), which the detector uses, and sigmoid binary cross-entropy, the objectness loss of
+the paper's RPN: minifpn's RPN (K = 1) uses the 2-way softmax instead, which is the same loss on
+the logit difference (a test shows it). Each returns a 0-d loss, summed over its rows and
+divided by ``normalizer`` (the number of sampled anchors)."""
 from __future__ import annotations
 
 from ..backend import get_array_module

@@ -7,64 +7,19 @@ Images must have sides that are multiples of 32 (the stride of C5): use ``pad_im
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import numpy as np
 
 from .. import functional as F
-from .. import table1
 from ..backend import DEFAULT_DTYPE, backend_name, default_rng, get_array_module, to_device, to_numpy
-from ..detection.anchors import grid_anchors, match_anchors, sample_anchors
-from ..detection.boxes import batched_nms, clip_boxes, decode, encode
-from ..functional._checks import integer, is_int
+from ..detection.anchors import grid_anchors
+from ..detection.postprocess import postprocess_image
+from ..detection.targets import batch_targets
 from ..nn import Module
+from .config import DetectorConfig
 from .fpn import FPN
 from .head import DetectionHead
+from .inputs import TOP_STRIDE, check_images, check_targets, pad_images
 from .resnet import ResNet
-
-TOP_STRIDE = 32
-
-
-@dataclass
-class DetectorConfig:
-    """Everything that fixes a detector's shape; saved with every checkpoint."""
-
-    setting: str = "fpn"
-    num_classes: int = 10
-    in_channels: int = 1
-    widths: tuple = (16, 32, 64, 128)
-    blocks: tuple = (1, 1, 1, 1)
-    stem_kernel: int = 3
-    channels: int = 64  # d, the pyramid's (and the head's) width
-    anchor_sizes: tuple = (8, 16, 32, 64, 128)  # P2..P6, pixels (paper: 32..512 on 800 px)
-    aspect_ratios: tuple = (0.5, 1.0, 2.0)
-    # Anchor labelling. The paper (Sec. 4.1) uses IoU >= 0.7 positive, < 0.3 negative and 256
-    # sampled anchors per image; with one anchor size per level at twice the stride only ~11%
-    # of digits reach 0.7 with any anchor, so the 10-digit detector learns from too few
-    # positives in a 5-minute budget. Its defaults: 0.4 / 0.3 and 64 anchors (docs/results.md).
-    # `minifpn ablation` uses the paper's values.
-    positive_iou: float = 0.4
-    negative_iou: float = 0.3
-    anchors_per_image: int = 64
-    positive_fraction: float = 0.5
-    normalize_by: str = "sampled"  # divide the loss by the sampled anchors, or the positives
-    seed: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.setting = table1.resolve(self.setting)  # a Table 1 letter ("c") becomes its name
-        # NumPy integer scalars become Python ints (the config is saved as JSON); bools and
-        # floats such as 2.5 are refused, with the field's name
-        for name in ("num_classes", "in_channels", "stem_kernel", "channels", "anchors_per_image"):
-            setattr(self, name, integer(getattr(self, name), name, "DetectorConfig", 1))
-        self.seed = integer(self.seed, "seed", "DetectorConfig", 0)
-        self.widths = tuple(integer(w, "each of widths", "DetectorConfig", 1) for w in self.widths)
-        self.blocks = tuple(integer(b, "each of blocks", "DetectorConfig", 1) for b in self.blocks)
-        self.anchor_sizes = tuple(int(s) if is_int(s) else s for s in self.anchor_sizes)
-        self.aspect_ratios = tuple(self.aspect_ratios)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Detector(Module):
@@ -101,7 +56,7 @@ class Detector(Module):
     # ---- features: the part of the network that differs between settings --------------
     def features(self, images):
         """images (N, in_channels, H, W) -> the maps the head runs on, finest first."""
-        self._check_images(images)  # shape, sides, and no NaN or infinity, in every setting
+        check_images(images, self.config.in_channels)  # shape, sides, no NaN or inf, every setting
         c2_to_c5 = self.backbone(images)
         if self.config.setting == "c4":
             return [c2_to_c5[2]]
@@ -149,47 +104,28 @@ class Detector(Module):
             loss = sum CE(sampled) / n + sum SmoothL1(positive deltas) / n,
         n = the number of sampled anchors (or of positives, with normalize_by="positives").
         """
-        self._check_images(images, values=False)  # the shape, before unpacking it
+        check_images(images, self.config.in_channels, values=False)  # the shape, to unpack it
         if images.shape[0] == 0:
             raise ValueError("Detector.loss: the batch is empty (N = 0 images); a loss needs at "
                              "least one image")
-        rng = default_rng() if rng is None else rng
+        c, rng = self.config, default_rng() if rng is None else rng
         N, _, H, W = images.shape
-        # targets may arrive on the device; the anchor bookkeeping below is host code
+        # targets may arrive on the device; the anchor bookkeeping is host code
         boxes, labels = [to_numpy(b) for b in boxes], [to_numpy(lab) for lab in labels]
-        if self.config.num_classes == 1:  # the paper's RPN: every digit is just "an object"
-            labels = [np.zeros(len(np.asarray(b).reshape(-1, 4)), np.int64) for b in boxes]
-        self._check_targets(boxes, labels, N, H, W)
+        if c.num_classes == 1:  # the paper's RPN: every digit is just "an object"
+            labels = [np.zeros(len(b.reshape(-1, 4)), np.int64) for b in boxes]
+        check_targets(boxes, labels, N, H, W, c.num_classes)
         logits, deltas, anchors_l, sizes = self._head_outputs(images)
-        anchors = np.concatenate(anchors_l)
-        T = len(anchors)
-        cls_index, cls_target, box_index, box_target = [], [], [], []
-        for n in range(N):  # host-side bookkeeping: which anchors learn what
-            gt = np.asarray(boxes[n], np.float64).reshape(-1, 4)
-            match, matched = match_anchors(anchors, gt, self.config.positive_iou,
-                                           self.config.negative_iou)
-            sampled = sample_anchors(match, rng, self.config.anchors_per_image,
-                                     self.config.positive_fraction)
-            positive = sampled[match[sampled] == 1]
-            target = np.zeros(len(sampled), np.int64)
-            is_pos = match[sampled] == 1
-            target[is_pos] = 1 + np.asarray(labels[n], np.int64)[matched[sampled[is_pos]]]
-            cls_index.append(n * T + sampled)
-            cls_target.append(target)
-            box_index.append(n * T + positive)
-            box_target.append(encode(gt[matched[positive]], anchors[positive]))
+        targets = batch_targets(np.concatenate(anchors_l), boxes, labels, rng, c.positive_iou,
+                                c.negative_iou, c.anchors_per_image, c.positive_fraction)
         backend = backend_name(images)
-        cls_index = to_device(np.concatenate(cls_index), backend)
-        box_index = to_device(np.concatenate(box_index), backend)
-        cls_target = to_device(np.concatenate(cls_target), backend)
-        box_target = to_device(np.concatenate(box_target).astype(images.dtype), backend)
-        n_sampled = max(int(cls_index.shape[0]), 1)
-        n_positive = max(int(box_index.shape[0]), 1)
-        normalizer = n_positive if self.config.normalize_by == "positives" else n_sampled
-
-        K1 = self.config.num_classes + 1
-        loss_cls, cls_cache = F.softmax_cross_entropy(logits.reshape(-1, K1)[cls_index],
-                                                      cls_target, normalizer)
+        cls_index, cls_target, box_index = (to_device(a, backend) for a in (
+            targets.cls_index, targets.cls_target, targets.box_index))
+        box_target = to_device(targets.box_target.astype(images.dtype), backend)
+        counted = targets.box_index if c.normalize_by == "positives" else targets.cls_index
+        normalizer = max(len(counted), 1)
+        loss_cls, cls_cache = F.softmax_cross_entropy(
+            logits.reshape(-1, c.num_classes + 1)[cls_index], cls_target, normalizer)
         loss_box, box_cache = F.smooth_l1(deltas.reshape(-1, 4)[box_index], box_target,
                                           normalizer=normalizer)
         self._loss_cache = (logits.shape, deltas.shape, cls_index, box_index, cls_cache,
@@ -227,49 +163,24 @@ class Detector(Module):
         score_threshold are decoded and clipped; then NMS per class and the best
         max_detections. The score of class k is softmax p(k); with K = 1 this is the RPN's
         objectness, 1 - p(background). An empty batch (N = 0) gives an empty list."""
-        self._check_images(images, values=False)
+        check_images(images, self.config.in_channels, values=False)
         self._loss_cache = None  # predict overwrites the layers' caches: no backward of an old loss
         if images.shape[0] == 0:
             return []
         was_training = self.training
         self.eval()
         try:
-            logits, deltas, anchors_l, sizes = self._head_outputs(images)
+            logits, deltas, anchors_l, _ = self._head_outputs(images)
         finally:
             self.train(was_training)
         xp = get_array_module(logits)
-        shifted = logits - logits.max(axis=2, keepdims=True)
-        probs = xp.exp(shifted)
+        probs = xp.exp(logits - logits.max(axis=2, keepdims=True))  # softmax over K + 1 classes
         probs /= probs.sum(axis=2, keepdims=True)
         probs, deltas = to_numpy(probs), to_numpy(deltas)
-        H, W = images.shape[2:]
-        K = self.config.num_classes
-        results = []
-        for n in range(images.shape[0]):
-            all_boxes, all_scores, all_labels = [], [], []
-            start = 0
-            for anchors in anchors_l:
-                end = start + len(anchors)
-                scores = probs[n, start:end, 1:].ravel()  # (anchors * K,), background dropped
-                candidates = np.flatnonzero(scores > score_threshold)
-                if len(candidates) > top_k:
-                    best = np.argpartition(-scores[candidates], top_k - 1)[:top_k]
-                    candidates = candidates[best]
-                anchor_idx, label = candidates // K, candidates % K
-                boxes = clip_boxes(decode(deltas[n, start + anchor_idx], anchors[anchor_idx]), H, W)
-                all_boxes.append(boxes)
-                all_scores.append(scores[candidates])
-                all_labels.append(label)
-                start = end
-            boxes = np.concatenate(all_boxes)
-            scores = np.concatenate(all_scores)
-            labels = np.concatenate(all_labels).astype(np.int64)
-            wide = ((boxes[:, 2] - boxes[:, 0]) > 0.5) & ((boxes[:, 3] - boxes[:, 1]) > 0.5)
-            boxes, scores, labels = boxes[wide], scores[wide], labels[wide]
-            keep = batched_nms(boxes, scores, labels, nms_iou)[:max_detections]
-            results.append({"boxes": boxes[keep].astype(np.float32), "scores": scores[keep],
-                            "labels": labels[keep]})
-        return results
+        return [postprocess_image(probs[n, :, 1:], deltas[n], anchors_l, images.shape[2:],
+                                  score_threshold, nms_iou, top_k, max_detections)
+                for n in range(images.shape[0])]  # background (class 0) dropped
+
 
 def _flatten(x, per_anchor: int):
     """(N, A * per_anchor, H, W) -> (N, H * W * A, per_anchor), rows in (y, x, anchor) order."""
@@ -282,3 +193,6 @@ def _unflatten(d, H: int, W: int):
     xp = get_array_module(d)
     N = d.shape[0]
     return xp.ascontiguousarray(d.reshape(N, H, W, -1).transpose(0, 3, 1, 2))
+
+
+__all__ = ["Detector", "DetectorConfig", "TOP_STRIDE", "pad_images"]

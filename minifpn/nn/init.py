@@ -40,7 +40,3 @@ def normal_(param, std: float, rng=None) -> None:
     rng = default_rng() if rng is None else rng
     _fill(param, rng.normal(0.0, std, size=param.shape))
 
-
-def constant_(param, value: float) -> None:
-    """Every entry set to ``value`` (zero for biases, one for batch-norm scales)."""
-    param.data[...] = value

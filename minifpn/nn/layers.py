@@ -124,7 +124,8 @@ class MaxPool2d(Module):
 
 class Upsample(Module):
     """Nearest upsampling. x: (N, C, H, W) -> (N, C, OH, OW), where (OH, OW) is the ``size`` given
-    to ``forward`` (the FPN passes the lateral map's size) or else ``scale_factor`` * (H, W)."""
+    to ``forward`` or else ``scale_factor`` * (H, W). (The FPN calls ``F.upsample_nearest``
+    directly, with the lateral map's size: it keeps one cache per level.)"""
 
     def __init__(self, scale_factor: int = 2):
         super().__init__()

@@ -1,0 +1,58 @@
+"""Everything that fixes a detector's shape, saved with every checkpoint (as JSON)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .. import table1
+from ..detection.anchors import ANCHOR_SIZES, ASPECT_RATIOS
+from ..functional._checks import integer, is_int
+
+
+@dataclass
+class DetectorConfig:
+    """Everything that fixes a detector's shape; saved with every checkpoint."""
+
+    setting: str = "fpn"
+    num_classes: int = 10
+    in_channels: int = 1
+    widths: tuple = (16, 32, 64, 128)
+    blocks: tuple = (1, 1, 1, 1)
+    stem_kernel: int = 3
+    channels: int = 64  # d, the pyramid's (and the head's) width
+    anchor_sizes: tuple = tuple(ANCHOR_SIZES.values())  # P2..P6: 8..128 px (paper: 32..512 on 800 px)
+    aspect_ratios: tuple = ASPECT_RATIOS  # height / width: 1:2, 1:1, 2:1
+    # Anchor labelling. The paper (Sec. 4.1) uses IoU >= 0.7 positive, < 0.3 negative and 256
+    # sampled anchors per image; with one anchor size per level at twice the stride only ~11%
+    # of digits reach 0.7 with any anchor, so the 10-digit detector learns from too few
+    # positives in a 5-minute budget. Its defaults: 0.4 / 0.3 and 64 anchors (docs/results.md).
+    # `minifpn ablation` uses the paper's values.
+    positive_iou: float = 0.4
+    negative_iou: float = 0.3
+    anchors_per_image: int = 64
+    positive_fraction: float = 0.5
+    normalize_by: str = "sampled"  # divide the loss by the sampled anchors, or the positives
+    seed: int = 0
+
+    def __post_init__(self):
+        self.setting = table1.resolve(self.setting)  # a Table 1 letter ("c") becomes its name
+        # NumPy integer scalars become Python ints (the config is saved as JSON); bools and
+        # floats such as 2.5 are refused, with the field's name
+        for name in ("num_classes", "in_channels", "stem_kernel", "channels", "anchors_per_image"):
+            setattr(self, name, integer(getattr(self, name), name, "DetectorConfig", 1))
+        self.seed = integer(self.seed, "seed", "DetectorConfig", 0)
+        self.widths = tuple(integer(w, "each of widths", "DetectorConfig", 1) for w in self.widths)
+        self.blocks = tuple(integer(b, "each of blocks", "DetectorConfig", 1) for b in self.blocks)
+        self.anchor_sizes = tuple(int(s) if is_int(s) else s for s in self.anchor_sizes)
+        self.aspect_ratios = tuple(self.aspect_ratios)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DetectorConfig:
+        """The config saved in a checkpoint; checkpoints before 2026-12 also saved an unused
+        ``extra: {}``, which is dropped."""
+        d = dict(d)
+        if d.get("extra") == {}:
+            del d["extra"]
+        return cls(**d)
