@@ -216,134 +216,173 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
     [...], "box": [...], "lr": [...], "seconds": [...], "images_seen": [...]} (one entry per step;
     images_seen counts every image trained on up to and including that step).
     """
-    os.makedirs(run_dir, exist_ok=True)
-    path = os.path.join(run_dir, "checkpoint.npz")
-    if os.path.exists(f"{path}.tmp"):  # a write killed before its rename: the .npz is whole
-        os.remove(f"{path}.tmp")
-        log(f"removed {path}.tmp, left by a checkpoint write that was killed; {path} was not touched")
-    peak_lr = config.peak_lr()
-    optimizer = SGD(detector.named_parameters(), peak_lr, config.momentum, config.weight_decay)
-    rng = default_rng(config.seed)
-    history = {"iteration": [], "loss": [], "cls": [], "box": [], "lr": [], "seconds": [],
-               "images_seen": []}
-    start_iteration, images_seen, changes = 0, 0, []
+    run = _Run(detector, config, run_dir, log)
     if resume:
-        ckpt = load_checkpoint(path)
-        check_same_config(ckpt["meta"]["detector_config"], detector, path)
-        check_arrays_match(ckpt, detector, path)
-        meta = ckpt["meta"]
-        start_iteration = meta["iteration"]
-        changed = schedule_changes(meta["train_config"], config)
-        if changed and not allow_changes:
-            raise CheckpointError(
-                f"checkpoint {path} was trained with another schedule: "
-                + "; ".join(f"{k}: checkpoint {_fmt(a)}, now {_fmt(b)}" for k, (a, b) in changed.items())
-                + "; resume with the same values, or allow the change explicitly (--allow-changes)")
-        detector.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optim"])
-        rng.bit_generator.state = meta["rng_state"]
-        history = meta["history"]
-        old_batch = TrainConfig.from_dict(meta["train_config"]).batch_size
-        history.setdefault("images_seen", [i * old_batch for i in history["iteration"]])  # older files
-        images_seen = meta.get("images_seen", start_iteration * old_batch)
-        changes = meta.get("changes", [])
-        if changed:
-            changes.append({"at_iteration": start_iteration, "changed": changed})
-            log(f"resuming with changes at iteration {start_iteration}: " + "; ".join(
-                f"{k} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items()))
-        log(f"resumed from {path} at iteration {start_iteration}")
-    scenes = DigitScenes("train", n=10 ** 9, seed=config.seed, config=config.scene_config())
-    backend = detector.backend
-    detector.train()
-
-    def checkpoint(iteration):
-        save_checkpoint(path, detector, optimizer, {
-            "detector_config": detector.config.to_dict(), "train_config": asdict(config),
-            "peak_lr": peak_lr, "iteration": iteration, "images_seen": images_seen,
-            "rng_state": rng.bit_generator.state, "history": history, "changes": changes})
-        return iteration
-
-    def diverged(what, iteration, lr):
-        return TrainingDiverged(
-            f"{what} at iteration {iteration} (lr {lr:g}); training stopped and the last good "
-            f"checkpoint, {path} (iteration {saved}), was left as it was. Try a smaller --lr or a "
-            f"longer --warmup.")
-
-    saved = start_iteration if resume else checkpoint(0)
-    norm = weight_norms(detector)[0]
-    done = start_iteration  # steps completed and checked: the state in memory is theirs
-    # the state of step `done` that a Ctrl-C in the middle of the next step rolls back to
-    rng_state, stats = rng.bit_generator.state, {k: b.copy() for k, b in detector.named_buffers()}
-    updating = False  # True while optimizer.step() has written some weights but not all
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=config.iterations, initial=start_iteration, unit="it",
-                   desc=f"train {detector.config.setting}", mininterval=1.0)
+        run.resume(allow_changes)
+    else:
+        run.saved = run.checkpoint(0)
+    run.norm = weight_norms(detector)[0]
+    bar = _progress_bar(detector, config, run.done) if progress else None
     began = time.perf_counter()
     try:
-        for iteration in range(start_iteration, config.iterations):
-            lr = learning_rate(iteration, peak_lr, config.iterations, config.warmup,
-                               milestones=config.milestones)
-            optimizer.lr = lr
-            images, boxes, labels = scenes.batch(range(images_seen, images_seen + config.batch_size))
-            tick = time.perf_counter()
-            loss, parts = detector.loss(to_device(images, backend), boxes, labels, rng)
-            if not math.isfinite(loss):
-                raise diverged(f"the loss became {loss}", iteration, lr)
-            recent = history["loss"][-LOSS_WINDOW:]
-            if len(recent) >= LOSS_MIN_HISTORY and loss > LOSS_EXPLOSION * float(np.median(recent)):
-                raise diverged(f"the loss exploded to {loss:.3g}, over {LOSS_EXPLOSION:g}x its median "
-                               f"{float(np.median(recent)):.3g} over the last {len(recent)} steps",
-                               iteration, lr)
-            optimizer.zero_grad()
-            detector.backward()
-            updating = True
-            optimizer.step()
-            updating = False
-            new_norm, stats_norm = weight_norms(detector)  # the step's one batched finite check
-            if not (math.isfinite(new_norm) and math.isfinite(stats_norm)):
-                raise diverged("a weight became NaN or infinite", iteration, lr)
-            if new_norm > NORM_JUMP * norm > 0:
-                raise diverged(f"the weight norm jumped from {norm:.3g} to {new_norm:.3g} "
-                               f"({new_norm / norm:.0f}x) in one step", iteration, lr)
-            norm = new_norm
-            for key, value in (("iteration", iteration + 1), ("loss", loss), ("cls", parts["cls"]),
-                               ("box", parts["box"]), ("lr", lr),
-                               ("seconds", time.perf_counter() - tick),
-                               ("images_seen", images_seen + config.batch_size)):
-                history[key].append(value)
-            images_seen += config.batch_size
-            rng_state, stats = rng.bit_generator.state, {k: b.copy() for k, b in detector.named_buffers()}
-            done = iteration + 1  # the step is complete: from here on a Ctrl-C keeps it
+        for iteration in range(run.done, config.iterations):
+            run.step(iteration)  # raises TrainingDiverged before anything unchecked is kept
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False,
-                                img_s=f"{config.batch_size / history['seconds'][-1]:.1f}")
-            if done % config.checkpoint_every == 0 or done == config.iterations:
-                saved = checkpoint(done)
+                bar.set_postfix(loss=f"{run.history['loss'][-1]:.3f}", refresh=False,
+                                img_s=f"{config.batch_size / run.history['seconds'][-1]:.1f}")
+            if run.done % config.checkpoint_every == 0 or run.done == config.iterations:
+                run.saved = run.checkpoint(run.done)
             if time_limit is not None and time.perf_counter() - began > time_limit:
-                if saved != done:
-                    saved = checkpoint(done)
-                log(f"time limit of {time_limit:.0f} s reached after {done} iterations")
+                if run.saved != run.done:
+                    run.saved = run.checkpoint(run.done)
+                log(f"time limit of {time_limit:.0f} s reached after {run.done} iterations")
                 break
     except KeyboardInterrupt:
-        if updating:  # some weights are of the next step, some not: only the file on disk is whole
-            raise TrainingInterrupted(saved, path) from None
-        if done != saved:
-            # undo whatever the interrupted step already did, then keep step `done`
-            keep = sum(i <= done for i in history["iteration"])
-            for values in history.values():
-                del values[keep:]
-            images_seen = history["images_seen"][-1] if history["images_seen"] else 0
-            rng.bit_generator.state = rng_state
-            detector.load_state_dict({k: to_numpy(b) for k, b in stats.items()}, strict=False)
-            saved = checkpoint(done)
-        raise TrainingInterrupted(saved, path) from None
+        raise TrainingInterrupted(run.keep_last_step(), run.path) from None
     finally:
         if bar is not None:
             bar.close()
-    return history
+    return run.history
+
+
+def _progress_bar(detector, config, start):
+    from tqdm.auto import tqdm
+    return tqdm(total=config.iterations, initial=start, unit="it",
+                desc=f"train {detector.config.setting}", mininterval=1.0)
+
+
+class _Run:
+    """The state of one training run: the detector and its optimizer, the random generator, the
+    history, and the bookkeeping that keeps the checkpoint on disk the last step that passed the
+    checks (``saved``), while ``done`` steps are complete in memory."""
+
+    def __init__(self, detector: Detector, config: TrainConfig, run_dir: str, log):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "checkpoint.npz")
+        if os.path.exists(f"{self.path}.tmp"):  # a write killed before its rename: the .npz is whole
+            os.remove(f"{self.path}.tmp")
+            log(f"removed {self.path}.tmp, left by a checkpoint write that was killed; "
+                f"{self.path} was not touched")
+        self.detector, self.config, self.log = detector, config, log
+        self.peak_lr = config.peak_lr()
+        self.optimizer = SGD(detector.named_parameters(), self.peak_lr, config.momentum,
+                             config.weight_decay)
+        self.rng = default_rng(config.seed)
+        self.history = {"iteration": [], "loss": [], "cls": [], "box": [], "lr": [], "seconds": [],
+                        "images_seen": []}
+        self.done = self.saved = self.images_seen = 0
+        self.changes = []
+        self.scenes = DigitScenes("train", n=10 ** 9, seed=config.seed, config=config.scene_config())
+        self.updating = False  # True while optimizer.step() has written some weights but not all
+        self.norm = None  # the global weight norm after the last step, for the jump check
+        detector.train()
+        self._remember_step()
+
+    def resume(self, allow_changes: bool) -> None:
+        """Load weights, momentum, RNG state and history from the run's checkpoint."""
+        ckpt = load_checkpoint(self.path)
+        check_same_config(ckpt["meta"]["detector_config"], self.detector, self.path)
+        check_arrays_match(ckpt, self.detector, self.path)
+        meta = ckpt["meta"]
+        changed = schedule_changes(meta["train_config"], self.config)
+        if changed and not allow_changes:
+            raise CheckpointError(
+                f"checkpoint {self.path} was trained with another schedule: "
+                + "; ".join(f"{k}: checkpoint {_fmt(a)}, now {_fmt(b)}" for k, (a, b) in changed.items())
+                + "; resume with the same values, or allow the change explicitly (--allow-changes)")
+        self.detector.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optim"])
+        self.rng.bit_generator.state = meta["rng_state"]
+        self.history = meta["history"]
+        old_batch = TrainConfig.from_dict(meta["train_config"]).batch_size
+        self.history.setdefault("images_seen", [i * old_batch for i in self.history["iteration"]])
+        self.done = self.saved = meta["iteration"]
+        self.images_seen = meta.get("images_seen", self.done * old_batch)  # older files lack it
+        self.changes = meta.get("changes", [])
+        if changed:
+            self.changes.append({"at_iteration": self.done, "changed": changed})
+            self.log(f"resuming with changes at iteration {self.done}: " + "; ".join(
+                f"{k} {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changed.items()))
+        self.log(f"resumed from {self.path} at iteration {self.done}")
+        self._remember_step()
+
+    def checkpoint(self, iteration: int) -> int:
+        save_checkpoint(self.path, self.detector, self.optimizer, {
+            "detector_config": self.detector.config.to_dict(), "train_config": asdict(self.config),
+            "peak_lr": self.peak_lr, "iteration": iteration, "images_seen": self.images_seen,
+            "rng_state": self.rng.bit_generator.state, "history": self.history,
+            "changes": self.changes})
+        return iteration
+
+    def step(self, iteration: int) -> None:
+        """One SGD step on the next batch, checked before and after the update."""
+        lr = learning_rate(iteration, self.peak_lr, self.config.iterations, self.config.warmup,
+                           milestones=self.config.milestones)
+        self.optimizer.lr = lr
+        first, batch = self.images_seen, self.config.batch_size
+        images, boxes, labels = self.scenes.batch(range(first, first + batch))
+        tick = time.perf_counter()
+        loss, parts = self.detector.loss(to_device(images, self.detector.backend), boxes, labels,
+                                         self.rng)
+        self._check_loss(loss, iteration, lr)
+        self.optimizer.zero_grad()
+        self.detector.backward()
+        self.updating = True
+        self.optimizer.step()
+        self.updating = False
+        self._check_weights(iteration, lr)
+        for key, value in (("iteration", iteration + 1), ("loss", loss), ("cls", parts["cls"]),
+                           ("box", parts["box"]), ("lr", lr), ("seconds", time.perf_counter() - tick),
+                           ("images_seen", first + batch)):
+            self.history[key].append(value)
+        self.images_seen = first + batch
+        self.done = iteration + 1  # the step is complete: from here on a Ctrl-C keeps it
+        self._remember_step()
+
+    def _check_loss(self, loss: float, iteration: int, lr: float) -> None:
+        if not math.isfinite(loss):
+            raise self._diverged(f"the loss became {loss}", iteration, lr)
+        recent = self.history["loss"][-LOSS_WINDOW:]
+        if len(recent) >= LOSS_MIN_HISTORY and loss > LOSS_EXPLOSION * float(np.median(recent)):
+            raise self._diverged(f"the loss exploded to {loss:.3g}, over {LOSS_EXPLOSION:g}x its "
+                                 f"median {float(np.median(recent)):.3g} over the last "
+                                 f"{len(recent)} steps", iteration, lr)
+
+    def _check_weights(self, iteration: int, lr: float) -> None:
+        new_norm, stats_norm = weight_norms(self.detector)  # the step's one batched finite check
+        if not (math.isfinite(new_norm) and math.isfinite(stats_norm)):
+            raise self._diverged("a weight became NaN or infinite", iteration, lr)
+        if new_norm > NORM_JUMP * self.norm > 0:
+            raise self._diverged(f"the weight norm jumped from {self.norm:.3g} to {new_norm:.3g} "
+                                 f"({new_norm / self.norm:.0f}x) in one step", iteration, lr)
+        self.norm = new_norm
+
+    def _diverged(self, what: str, iteration: int, lr: float) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"{what} at iteration {iteration} (lr {lr:g}); training stopped and the last good "
+            f"checkpoint, {self.path} (iteration {self.saved}), was left as it was. Try a smaller "
+            f"--lr or a longer --warmup.")
+
+    def _remember_step(self) -> None:
+        """Keep what a Ctrl-C in the middle of the next step rolls back to."""
+        self.rng_state = self.rng.bit_generator.state
+        self.stats = {k: b.copy() for k, b in self.detector.named_buffers()}
+
+    def keep_last_step(self) -> int:
+        """After Ctrl-C: checkpoint the last completed step; returns the step on disk."""
+        if self.updating:  # some weights are of the next step, some not: only the file is whole
+            return self.saved
+        if self.done != self.saved:  # undo what the interrupted step did, then keep step `done`
+            keep = sum(i <= self.done for i in self.history["iteration"])
+            for values in self.history.values():
+                del values[keep:]
+            self.images_seen = self.history["images_seen"][-1] if self.history["images_seen"] else 0
+            self.rng.bit_generator.state = self.rng_state
+            self.detector.load_state_dict({k: to_numpy(b) for k, b in self.stats.items()},
+                                          strict=False)
+            self.saved = self.checkpoint(self.done)
+        return self.saved
 
 
 def evaluate_detector(detector: Detector, split: str = "test", n: int = 300, batch_size: int = 16,
