@@ -153,7 +153,7 @@ def distinct_values(rng, shape, spacing: float = 0.01):
 def _conv_checks(randn):
     from . import functional as F
     results = []
-    for (N, C, H, W, OC, K, S, P) in [(2, 3, 7, 6, 4, 3, 1, 1), (2, 3, 9, 7, 4, 3, 2, 1),
+    for (N, C, H, W, OC, KH, S, P) in [(2, 3, 7, 6, 4, 3, 1, 1), (2, 3, 9, 7, 4, 3, 2, 1),
                                        (2, 4, 5, 5, 3, 1, 1, 0), (1, 3, 7, 7, 2, 1, 2, 0),
                                        (1, 2, 8, 9, 3, 5, 3, 2)]:
         state = {}
@@ -166,8 +166,8 @@ def _conv_checks(randn):
             dx, dw, db = F.conv2d_backward(dout, state["cache"])
             return {"x": dx, "weight": dw, "bias": db}
 
-        results.append(check("conv2d", f"{(N, C, H, W)} k{K} s{S} p{P}", conv_forward,
-                             conv_backward, {"x": randn(N, C, H, W), "weight": randn(OC, C, K, K),
+        results.append(check("conv2d", f"{(N, C, H, W)} k{KH} s{S} p{P}", conv_forward,
+                             conv_backward, {"x": randn(N, C, H, W), "weight": randn(OC, C, KH, KH),
                                              "bias": randn(OC)}))
     return results
 
@@ -175,15 +175,15 @@ def _conv_checks(randn):
 def _pool_and_upsample_checks(randn, distinct):
     from . import functional as F
     results = []
-    for (shape, K, S, P) in [((2, 3, 7, 6), 3, 2, 1), ((2, 2, 6, 6), 2, 2, 0),
+    for (shape, KH, S, P) in [((2, 3, 7, 6), 3, 2, 1), ((2, 2, 6, 6), 2, 2, 0),
                              ((1, 3, 5, 7), 1, 2, 0)]:
         state = {}
 
-        def pool_forward(x, K=K, S=S, P=P):
-            out, state["cache"] = F.max_pool2d(x, K, S, P)
+        def pool_forward(x, KH=KH, S=S, P=P):
+            out, state["cache"] = F.max_pool2d(x, KH, S, P)
             return out
 
-        results.append(check("max_pool2d", f"{shape} k{K} s{S} p{P}", pool_forward,
+        results.append(check("max_pool2d", f"{shape} k{KH} s{S} p{P}", pool_forward,
                              lambda d: {"x": F.max_pool2d_backward(d, state["cache"])},
                              {"x": distinct(shape)}))
     for (shape, size) in [((2, 3, 4, 5), (8, 10)), ((1, 2, 4, 3), (7, 5)), ((1, 2, 5, 6), (3, 4))]:

@@ -113,7 +113,7 @@ def test_every_table1_setting_trains_one_step_and_predicts(setting):
         assert (d["boxes"][:, 2:] <= 128).all() and (d["boxes"][:, :2] >= 0).all()
         assert np.all(np.diff(d["scores"]) <= 0) and len(d["scores"]) <= 100
     levels = {"c4": ["C4"], "c5": ["C5"], "p2_only": ["P2"]}.get(setting, ["P2", "P3", "P4", "P5", "P6"])
-    assert [name for name, _, _ in det.levels] == levels
+    assert [name for name, _, _ in det.head_maps] == levels
     assert det.num_anchors == (15 if setting in ("c4", "c5", "p2_only") else 3)
 
 

@@ -11,7 +11,7 @@ from minifpn.interop import (
     resnet_from_torchvision,
     resnet_to_torchvision,
 )
-from minifpn.models import FPN, resnet18_widths
+from minifpn.models import FPN, resnet18
 
 tv_ops = pytest.importorskip("torchvision.ops", reason="torchvision is not installed")
 tv_fpn = pytest.importorskip("torchvision.ops.feature_pyramid_network")
@@ -115,7 +115,7 @@ def test_resnet18_backbone_matches_torchvision_in_eval_mode(image_size, rng):
     torch.manual_seed(0)
     theirs = tv_models.resnet18(weights=None).eval()
     randomize_batch_norm(theirs)
-    ours = resnet18_widths().eval()
+    ours = resnet18().eval()
     ours.load_state_dict(resnet_from_torchvision(theirs.state_dict()))
     x = rng.standard_normal((2, 3, *image_size)).astype(np.float32)
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_resnet18_backbone_gradients_match_torch_in_training_mode(rng):
     float64 agrees to 1e-12 and so separates a real error from rounding."""
     torch.manual_seed(1)
     theirs = tv_models.resnet18(weights=None).train().double()
-    ours = resnet18_widths().train().to(dtype=np.float64)
+    ours = resnet18().train().to(dtype=np.float64)
     ours.load_state_dict(resnet_from_torchvision(theirs.state_dict()))
     x = rng.standard_normal((2, 3, 64, 64))
     tx = torch.tensor(x, requires_grad=True)

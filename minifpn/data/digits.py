@@ -83,8 +83,8 @@ def _texture(rng, canvas: int, amplitude: float) -> np.ndarray:
 def make_scene(rng: np.random.Generator, pool: np.ndarray, config: SceneConfig | None = None):
     """Draw one scene from source digits ``pool`` (indices into the sklearn digits).
 
-    Returns image (1, canvas, canvas) float32 in [0, 1], boxes (K, 4) float32 as
-    (x1, y1, x2, y2) in pixels (x2, y2 exclusive), labels (K,) int64.
+    Returns image (1, canvas, canvas) float32 in [0, 1], boxes (B, 4) float32 as
+    (x1, y1, x2, y2) in pixels (x2, y2 exclusive), labels (B,) int64.
     """
     config = SceneConfig() if config is None else config
     images, labels = load_source_digits()
@@ -115,7 +115,7 @@ def make_scene(rng: np.random.Generator, pool: np.ndarray, config: SceneConfig |
 class DigitScenes:
     """A reproducible set of ``n`` scenes of one split: ``scenes[i] -> (image, boxes, labels)``.
 
-    image: (1, canvas, canvas) float32; boxes: (K, 4) float32 (x1, y1, x2, y2); labels: (K,).
+    image: (1, canvas, canvas) float32; boxes: (B, 4) float32 (x1, y1, x2, y2); labels: (B,).
     """
 
     def __init__(self, split: str = "train", n: int = 1000, seed: int = 0,
@@ -140,6 +140,6 @@ class DigitScenes:
 
 
 def size_bucket(boxes: np.ndarray) -> np.ndarray:
-    """"small", "medium" or "large" for each box (K, 4), by area (see AREA_RANGES)."""
+    """"small", "medium" or "large" for each box (B, 4), by area (see AREA_RANGES)."""
     area = box_area(boxes)
     return np.where(area < SMALL_AREA, "small", np.where(area < MEDIUM_AREA, "medium", "large"))

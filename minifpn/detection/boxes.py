@@ -20,7 +20,7 @@ BBOX_CLIP = math.log(1000.0 / 16)
 
 
 def box_area(boxes: np.ndarray) -> np.ndarray:
-    """(K, 4) -> (K,) areas (w * h)."""
+    """(B, 4) -> (B,) areas (w * h)."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
@@ -38,7 +38,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def clip_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Clip (K, 4) boxes to the image [0, width] x [0, height]."""
+    """Clip (B, 4) boxes to the image [0, width] x [0, height]."""
     boxes = np.array(boxes, np.float64).reshape(-1, 4)
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
@@ -48,7 +48,7 @@ def clip_boxes(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
 def encode(boxes: np.ndarray, anchors: np.ndarray) -> np.ndarray:
     """Regression targets (dx, dy, dw, dh) that move each anchor onto its box (Faster R-CNN):
         dx = (gx - ax) / aw,  dy = (gy - ay) / ah,  dw = log(gw / aw),  dh = log(gh / ah)
-    with (x, y) box centres and (w, h) sizes. boxes, anchors: (K, 4) -> (K, 4)."""
+    with (x, y) box centres and (w, h) sizes. boxes, anchors: (B, 4) -> (B, 4)."""
     boxes, anchors = np.asarray(boxes, np.float64), np.asarray(anchors, np.float64)
     aw, ah = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
     ax, ay = anchors[:, 0] + 0.5 * aw, anchors[:, 1] + 0.5 * ah
@@ -58,7 +58,7 @@ def encode(boxes: np.ndarray, anchors: np.ndarray) -> np.ndarray:
 
 
 def decode(deltas: np.ndarray, anchors: np.ndarray) -> np.ndarray:
-    """The inverse of ``encode``: deltas (K, 4) applied to anchors (K, 4) -> boxes (K, 4).
+    """The inverse of ``encode``: deltas (B, 4) applied to anchors (B, 4) -> boxes (B, 4).
     dw, dh are clamped at log(1000/16) so that an untrained head cannot overflow exp."""
     deltas, anchors = np.asarray(deltas, np.float64), np.asarray(anchors, np.float64)
     aw, ah = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
@@ -72,7 +72,7 @@ def decode(deltas: np.ndarray, anchors: np.ndarray) -> np.ndarray:
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Greedy non-maximum suppression: keep the best box, drop every box overlapping it by more
-    than ``iou_threshold``, repeat. boxes (K, 4), scores (K,) -> kept indices, best first."""
+    than ``iou_threshold``, repeat. boxes (B, 4), scores (B,) -> kept indices, best first."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     order = np.argsort(-np.asarray(scores), kind="stable")
     keep = []

@@ -24,7 +24,9 @@ from .resnet import ResNet
 
 class Detector(Module):
     """Backbone + (FPN) + shared head. ``loss(images, boxes, labels)`` then ``backward()``
-    trains it; ``predict(images)`` returns boxes, scores and labels per image."""
+    trains it; ``predict(images)`` returns boxes, scores and labels per image.
+    ``head_maps``: (name, stride, anchor sizes) of each map the head runs on, finest first
+    (``FPN.levels`` are the pyramid's level numbers k = 2..5)."""
 
     def __init__(self, config: DetectorConfig | None = None, dtype=DEFAULT_DTYPE, **overrides):
         super().__init__()
@@ -35,19 +37,19 @@ class Detector(Module):
         all_sizes = list(c.anchor_sizes)
         if c.setting in ("c4", "c5"):
             level = 4 if c.setting == "c4" else 5
-            self.levels = [(f"C{level}", 2 ** level, all_sizes)]
+            self.head_maps = [(f"C{level}", 2 ** level, all_sizes)]
             head_in = c.widths[level - 2]
         else:
             extra = None if c.setting == "p2_only" else "maxpool"
             self.fpn = FPN(list(c.widths), c.channels, extra_block=extra, variant=c.setting,
                            dtype=dtype, seed=c.seed + 1)
             if c.setting == "p2_only":
-                self.levels = [("P2", 4, all_sizes)]
+                self.head_maps = [("P2", 4, all_sizes)]
             else:
-                self.levels = [(name, stride, [size]) for name, stride, size in
+                self.head_maps = [(name, stride, [size]) for name, stride, size in
                                zip(self.fpn.output_names, self.fpn.strides, all_sizes)]
             head_in = c.channels
-        self.num_anchors = len(self.levels[0][2]) * len(c.aspect_ratios)
+        self.num_anchors = len(self.head_maps[0][2]) * len(c.aspect_ratios)
         self.head = DetectionHead(head_in, c.channels, self.num_anchors, c.num_classes, dtype,
                                   c.seed + 2)
         self._anchor_cache = {}
@@ -78,7 +80,7 @@ class Detector(Module):
         if key not in self._anchor_cache:
             self._anchor_cache[key] = [
                 grid_anchors(h, w, stride, sizes, self.config.aspect_ratios)
-                for (h, w), (_, stride, sizes) in zip(map_sizes, self.levels)]
+                for (h, w), (_, stride, sizes) in zip(map_sizes, self.head_maps)]
         return self._anchor_cache[key]
 
     def _head_outputs(self, images):

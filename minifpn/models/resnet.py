@@ -129,7 +129,7 @@ class ResNet(Module):
         return self.conv1.backward(self.bn1.backward(F.relu_backward(d, self.stem_relu_cache)))
 
 
-def resnet18_widths(in_channels=3, dtype=DEFAULT_DTYPE, seed=0) -> ResNet:
+def resnet18(in_channels=3, dtype=DEFAULT_DTYPE, seed=0) -> ResNet:
     """ResNet-18's bottom-up pathway: widths 64/128/256/512, [2, 2, 2, 2] blocks, 7x7 stem
     (torchvision.models.resnet18 without avgpool and fc)."""
     return ResNet((64, 128, 256, 512), (2, 2, 2, 2), in_channels, 7, dtype, seed)
