@@ -423,7 +423,9 @@ def train_and_evaluate(detector: Detector, config: TrainConfig, run_dir: str, ev
     history = train(detector, config, run_dir, resume=resume, progress=progress, time_limit=time_limit,
                     allow_changes=allow_changes)
     train_seconds = time.perf_counter() - start
-    metrics, detections, truths = evaluate_detector(detector, "test", eval_scenes)
+    # the test split of the run's own seed (disjoint from its train digits), drawn like its train scenes
+    metrics, detections, truths = evaluate_detector(detector, "test", eval_scenes, seed=config.seed,
+                                                    scene_config=config.scene_config())
     steps = len(history["iteration"])
     # history["images_seen"] stays right across a resume with another batch size
     images_seen = history["images_seen"][-1] if history.get("images_seen") else steps * config.batch_size
