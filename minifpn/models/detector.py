@@ -30,9 +30,7 @@ class Detector(Module):
 
     def __init__(self, config: DetectorConfig | None = None, dtype=DEFAULT_DTYPE, **overrides):
         super().__init__()
-        config = config or DetectorConfig(**overrides)
-        self.config = config
-        c = config
+        self.config = c = config or DetectorConfig(**overrides)
         self.backbone = ResNet(c.widths, c.blocks, c.in_channels, c.stem_kernel, dtype, c.seed)
         all_sizes = list(c.anchor_sizes)
         if c.setting in ("c4", "c5"):
