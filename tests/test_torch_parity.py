@@ -43,15 +43,21 @@ def test_conv2d_matches_torch(N, C, H, W, OC, k, s, p, bias, dtype, backend, rng
         assert db is None
 
 
-@pytest.mark.parametrize("shape,k,s,p", POOL_CASES)
-def test_max_pool2d_matches_torch(shape, k, s, p, dtype, backend, rng):
-    x = draw(rng, shape, dtype)
+def pool_both(x, k, s, p, dtype, backend, rng):
+    """max_pool2d forward and backward (random upstream gradient) here and in torch:
+    returns (out, dx, torch out, torch input whose .grad is torch's dx)."""
     out, cache = F.max_pool2d(to_device(x, backend), k, s, p)
     dout = draw(rng, out.shape, dtype)
     dx = F.max_pool2d_backward(to_device(dout, backend), cache)
     tx = tensor(x, True)
     t_out = TF.max_pool2d(tx, k, s, p)
     t_out.backward(tensor(dout))
+    return out, dx, t_out, tx
+
+
+@pytest.mark.parametrize("shape,k,s,p", POOL_CASES)
+def test_max_pool2d_matches_torch(shape, k, s, p, dtype, backend, rng):
+    out, dx, t_out, tx = pool_both(draw(rng, shape, dtype), k, s, p, dtype, backend, rng)
     assert_matches(out, t_out, dtype, "out")
     assert_matches(dx, tx.grad, dtype, "dx")
 
@@ -150,12 +156,7 @@ def test_max_pool2d_nan_matches_torch(shape, k, s, p, nan_fraction, dtype, backe
     outputs (NaN where torch has NaN) and the gradient on the same entry as torch."""
     x = draw(rng, shape, dtype)
     x[rng.random(shape) < nan_fraction] = np.nan
-    out, cache = F.max_pool2d(to_device(x, backend), k, s, p)
-    dout = draw(rng, out.shape, dtype)
-    dx = F.max_pool2d_backward(to_device(dout, backend), cache)
-    tx = tensor(x, True)
-    t_out = TF.max_pool2d(tx, k, s, p)
-    t_out.backward(tensor(dout))
+    out, dx, t_out, tx = pool_both(x, k, s, p, dtype, backend, rng)
     t_nan = np.isnan(t_out.detach().numpy())
     assert t_nan.any() and not t_nan.all(), "the draw should give windows with and without NaN"
     np.testing.assert_array_equal(np.isnan(to_numpy(out)), t_nan)
