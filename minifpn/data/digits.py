@@ -6,6 +6,10 @@ medium and large objects all occur. Each box is the tight box around the digit's
 the digits 0-9. Train/val/test use disjoint source digits, so a test digit was never seen in
 training. Scene ``i`` of a split is a pure function of (seed, split, i).
 
+``SceneConfig.distractors`` adds clutter that is not an object (no box, no label): fragments of
+digits, scrambled digits and strokes, at the digits' own sizes, so that ink alone no longer tells
+a digit from background (``draw_distractors``; docs/data.md, "Distractors").
+
 Host-only code (NumPy): images are made on the CPU and moved with ``to_device`` by the caller.
 """
 from __future__ import annotations
@@ -19,6 +23,8 @@ from ..detection.boxes import AREA_RANGES, MEDIUM_AREA, SMALL_AREA, box_area, bo
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+# the kinds of clutter SceneConfig.distractors draws (see draw_distractors)
+DISTRACTOR_KINDS = ("fragment", "scrambled", "stroke")
 
 
 
@@ -72,6 +78,22 @@ class SceneConfig:
     noise: float = 0.05  # std of the pixel noise in the background
     texture: float = 0.15  # amplitude of a smooth background texture
     ink_threshold: float = 0.2  # a pixel is ink above this fraction of the digit's maximum
+    distractors: int = 0  # clutter patches per scene (no box, no label); 0: none, the scene unchanged
+    distractor_kinds: tuple = DISTRACTOR_KINDS  # drawn uniformly from these
+    distractor_max_iou: float = 0.0  # a distractor's square may overlap no digit's box beyond this IoU
+
+    def __post_init__(self):
+        whole = isinstance(self.distractors, (int, np.integer)) and not isinstance(self.distractors, bool)
+        if not whole or self.distractors < 0:
+            raise ValueError(f"distractors must be an integer >= 0, got {self.distractors!r}")
+        kinds = tuple(self.distractor_kinds)
+        unknown = [k for k in kinds if k not in DISTRACTOR_KINDS]
+        if not kinds or unknown:
+            raise ValueError(f"distractor_kinds must be a non-empty subset of {DISTRACTOR_KINDS}, "
+                             f"got {kinds}")
+        self.distractor_kinds = kinds
+        if not 0.0 <= self.distractor_max_iou < 1.0:
+            raise ValueError(f"distractor_max_iou must be in [0, 1), got {self.distractor_max_iou}")
 
 
 def _texture(rng, canvas: int, amplitude: float) -> np.ndarray:
@@ -108,8 +130,74 @@ def make_scene(rng: np.random.Generator, pool: np.ndarray, config: SceneConfig |
                 boxes.append(box)
                 classes.append(labels[source])
                 break
+    if config.distractors:  # drawn after the digits, so a scene's digits never depend on them
+        draw_distractors(rng, canvas, pool, np.array(boxes, np.float64).reshape(-1, 4), config)
     image = np.clip(canvas, 0, 1).astype(np.float32)[None]
     return (image, np.array(boxes, np.float32).reshape(-1, 4), np.array(classes, np.int64))
+
+
+def _fragment(rng, source: np.ndarray, size: int) -> np.ndarray:
+    """A piece of a digit: an h x w window (h, w in 3..5) of the 8x8 ``source``, resized so its
+    longer side is ``size`` (its strokes are those of a digit 8/5 to 8/3 times larger)."""
+    for _attempt in range(10):  # a window of blank margin is no clutter: try another
+        h, w = rng.integers(3, 6, size=2)
+        top, left = rng.integers(0, 8 - h + 1), rng.integers(0, 8 - w + 1)
+        window = source[top:top + h, left:left + w]
+        if window.max() >= 0.5:
+            break
+    longer = max(h, w)
+    return resize_bilinear(window, max(2, round(size * h / longer)), max(2, round(size * w / longer)))
+
+
+def _scrambled(rng, source: np.ndarray, size: int) -> np.ndarray:
+    """A digit whose sixteen 2x2 blocks are shuffled: the same ink, strokes and size, no digit."""
+    blocks = source.reshape(4, 2, 4, 2).transpose(0, 2, 1, 3).reshape(16, 2, 2)
+    blocks = blocks[rng.permutation(16)].reshape(4, 4, 2, 2).transpose(0, 2, 1, 3).reshape(8, 8)
+    return resize_bilinear(blocks, size, size)
+
+
+def _stroke(rng, size: int) -> np.ndarray:
+    """One straight pen stroke across a size x size square, as thick as a digit's stroke there
+    (about size / 8 px, at least 1 px), with a soft 1-px edge."""
+    ends = rng.uniform(0, size, size=(2, 2))  # (x, y) of both ends
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    d = ends[1] - ends[0]
+    t = np.clip(((xs - ends[0, 0]) * d[0] + (ys - ends[0, 1]) * d[1]) / max(d @ d, 1e-9), 0, 1)
+    dist = np.hypot(xs - ends[0, 0] - t * d[0], ys - ends[0, 1] - t * d[1])
+    half = max(0.5, size / 16)
+    return np.clip(half + 0.5 - dist, 0, 1) * rng.uniform(0.7, 1.0)
+
+
+def draw_distractors(rng: np.random.Generator, canvas: np.ndarray, pool: np.ndarray,
+                     boxes: np.ndarray, config: SceneConfig) -> int:
+    """Draw ``config.distractors`` clutter patches onto ``canvas`` (canvas, canvas) in place, with
+    ``max`` as the digits are; returns how many were placed. ``boxes`` (B, 4): the scene's digits.
+
+    Each patch is a kind from ``config.distractor_kinds`` at a size drawn as the digits' sizes are
+    (log-uniform in [min_size, max_size]): "fragment", a window of a digit (``_fragment``);
+    "scrambled", a digit with shuffled 2x2 blocks (``_scrambled``); "stroke", one pen stroke
+    (``_stroke``). Source digits come from ``pool``, the split's own, so a test scene's clutter
+    holds no train digit. A patch's square may overlap no digit's box beyond
+    ``config.distractor_max_iou`` (up to 30 tries, then it is left out); patches may overlap each
+    other. They get no box and no label: to the detector they are background."""
+    images, _ = load_source_digits()
+    c, placed = config.canvas, 0
+    for _ in range(config.distractors):
+        kind = config.distractor_kinds[rng.integers(len(config.distractor_kinds))]
+        size = int(round(np.exp(rng.uniform(np.log(config.min_size), np.log(config.max_size)))))
+        source = images[pool[rng.integers(len(pool))]]
+        patch = (_fragment(rng, source, size) if kind == "fragment" else
+                 _scrambled(rng, source, size) if kind == "scrambled" else _stroke(rng, size))
+        h, w = patch.shape
+        for _attempt in range(30):
+            top, left = rng.integers(0, c - h + 1), rng.integers(0, c - w + 1)
+            square = np.array([left, top, left + w, top + h], np.float64)
+            if not len(boxes) or box_iou(square, boxes).max() <= config.distractor_max_iou:
+                region = canvas[top:top + h, left:left + w]
+                np.maximum(region, patch, out=region)
+                placed += 1
+                break
+    return placed
 
 
 class DigitScenes:
