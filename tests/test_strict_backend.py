@@ -222,3 +222,29 @@ def test_a_training_step_synchronises_only_for_the_loss_and_the_finite_checks(st
     train(det, config, str(tmp_path), progress=False, log=lambda *a: None)
     per_step = np.diff(counts)  # from one step's loss to the next: loss, backward, step, checks
     assert per_step.tolist() == [SYNCS_PER_STEP] * 3
+
+
+# ---- device operations (kernel launches), counted by the stand-in -----------------------------
+
+def test_the_stand_in_counts_kernels_not_views(stand_in):
+    x = to_device(np.arange(24.0).reshape(2, 3, 4), "cupy")
+    strict_cupy.reset_launch_count()
+    x.reshape(6, 4).transpose(1, 0)[1:, ::2]  # views: no kernel
+    assert strict_cupy.launch_count() == 0
+    y = x * 2.0  # one elementwise kernel
+    y.sum()  # one reduction
+    x[:, [0, 2]]  # a fancy-index gather
+    strict_cupy.add(y, x, out=y)  # one kernel, written in place
+    assert strict_cupy.launch_count() == 4
+
+
+def test_col2im_adds_each_kernel_offset_in_place(stand_in):
+    """col2im of a 3x3 kernel with padding: one zeroed buffer, one add per kernel offset (no
+    copy back, as `+=` on a slice would make), one copy to crop the padding: 11 operations."""
+    from minifpn.functional.conv import col2im
+    col = to_device(np.ones((2, 3, 3, 1, 4, 4)), "cupy")
+    strict_cupy.reset_launch_count()
+    dx = col2im(col, (1, 2, 4, 4), stride=1, padding=1)
+    assert strict_cupy.launch_count() == 1 + 9 + 1
+    # each pixel gets one contribution per kernel offset whose window covers it: 9 in the middle
+    assert float(to_numpy(dx)[0, 0, 1:3, 1:3].min()) == 9.0

@@ -63,8 +63,8 @@ def col2im(col, x_shape, stride=1, padding=0):
     """The adjoint of ``im2col``: add every column entry back where it was read from.
 
     col: (C, KH, KW, N, OH, OW)  ->  (N, C, H, W) with H, W from ``x_shape``.
-    Where receptive fields overlap, the contributions add up (one strided-slice ``+=`` per
-    kernel offset); the padding border is cropped off at the end.
+    Where receptive fields overlap, the contributions add up (one strided-slice add per kernel
+    offset); the padding border is cropped off at the end.
     """
     SH, SW = pair(stride, "stride", "col2im", 1)
     PH, PW = pair(padding, "padding", "col2im", 0)
@@ -75,7 +75,8 @@ def col2im(col, x_shape, stride=1, padding=0):
     dx_view = dx_padded.transpose(1, 0, 2, 3)  # (C, N, Hp, Wp), writes land in dx_padded
     for i in range(KH):
         for j in range(KW):
-            dx_view[:, :, _window(i, SH, OH), _window(j, SW, OW)] += col[:, i, j]
+            window = dx_view[:, :, _window(i, SH, OH), _window(j, SW, OW)]  # a view
+            xp.add(window, col[:, i, j], out=window)  # in place: `+=` on a slice copies it back
     if PH == 0 and PW == 0:
         return dx_padded
     return xp.ascontiguousarray(dx_padded[:, :, PH:PH + H, PW:PW + W])

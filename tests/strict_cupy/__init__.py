@@ -24,6 +24,31 @@ import numbers
 import numpy
 
 _syncs = 0
+_launches = 0
+
+
+def launch_count() -> int:
+    """Device operations since the last ``reset_launch_count()``: every call that computes into
+    a new or existing device buffer (a ufunc, a reduction, a copy, a fancy-index gather, a
+    ``__setitem__``, a GEMM, a memset for ``zeros``) counts one, as one kernel launch (or one
+    cuBLAS call) on a GPU; views (reshape, transpose, basic slicing) and ``empty`` count none.
+    An estimate: CuPy fuses nothing here either, but some of its routines launch two kernels."""
+    return _launches
+
+
+def reset_launch_count() -> None:
+    global _launches
+    _launches = 0
+
+
+def _launch(result=None, *sources):
+    """Count one device operation, unless ``result`` is a view of one of ``sources``."""
+    global _launches
+    if isinstance(result, numpy.ndarray):  # (a loop: this module's own `any` is the device one)
+        for s in sources:
+            if isinstance(s, numpy.ndarray) and numpy.shares_memory(result, s):
+                return
+    _launches += 1
 
 
 def sync_count() -> int:
@@ -74,6 +99,17 @@ def _wrap(value):
     return value
 
 
+def _arrays_in(args):
+    """The NumPy arrays among ``args`` (one level of lists walked), for the view test."""
+    found = []
+    for a in args:
+        if isinstance(a, numpy.ndarray):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found += [b for b in a if isinstance(b, numpy.ndarray)]
+    return found
+
+
 def _index(key):
     """An index: device arrays unwrapped; host integer/boolean arrays and lists are accepted, as
     CuPy copies them to the device."""
@@ -112,14 +148,17 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
                     raise _unsupported(o, where + " (out=)")
             kwargs["out"] = tuple(o._a for o in out)
         result = getattr(ufunc, method)(*args, **kwargs)
+        _launch()
         if out is not None:
             return out[0] if len(out) == 1 else out
         return _wrap(result)
 
     def __array_function__(self, func, types, args, kwargs):
         where = f"numpy.{func.__name__}"
-        return _wrap(func(*_unwrap(list(args), where), **{k: _unwrap(v, where)
-                                                          for k, v in kwargs.items()}))
+        args = _unwrap(list(args), where)
+        result = func(*args, **{k: _unwrap(v, where) for k, v in kwargs.items()})
+        _launch(result, *_arrays_in(args))
+        return _wrap(result)
 
     # ---- the counted synchronisations -----------------------------------------------------------
     def get(self):
@@ -179,10 +218,13 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
         return format(self._a, spec) if self._a.ndim else format(str(self._a), spec)
 
     def __getitem__(self, key):
-        return _wrap(self._a[_index(key)])
+        result = self._a[_index(key)]
+        _launch(result, self._a)  # basic slicing is a view; fancy indexing is a gather kernel
+        return _wrap(result)
 
     def __setitem__(self, key, value):
         self._a[_index(key)] = value._a if isinstance(value, ndarray) else value
+        _launch()
 
     def __getattr__(self, name):
         # methods (reshape, transpose, astype, sum, max, copy, ...) run on the data and return
@@ -196,8 +238,11 @@ class ndarray(numpy.lib.mixins.NDArrayOperatorsMixin):
         where = f"ndarray.{name}"
 
         def method(*args, **kwargs):
-            return _wrap(attr(*_unwrap(list(args), where),
-                              **{k: _unwrap(v, where) for k, v in kwargs.items()}))
+            result = attr(*_unwrap(list(args), where),
+                          **{k: _unwrap(v, where) for k, v in kwargs.items()})
+            if isinstance(result, (numpy.ndarray, numpy.generic)):
+                _launch(result, self._a)  # reshape/transpose/view: no kernel
+            return _wrap(result)
         return method
 
     def __reduce__(self):  # pickling a device array is a copy to the host
@@ -247,8 +292,12 @@ def _device_function(name):
             if not isinstance(out, ndarray):
                 raise _unsupported(out, where + " (out=)")
             func(*args, out=out._a, **kwargs)
+            _launch()
             return out
-        return _wrap(func(*args, **kwargs))
+        result = func(*args, **kwargs)
+        if name not in ("empty", "empty_like"):  # an allocation from the pool: no kernel
+            _launch(result, *_arrays_in(args))
+        return _wrap(result)
     wrapper.__name__ = name
     return wrapper
 
@@ -283,5 +332,5 @@ class cuda:  # noqa: N801 (CuPy's name)
     runtime = _Runtime()
 
 
-__all__ = ["asarray", "asnumpy", "cuda", "get_array_module", "ndarray", "reset_sync_count",
-           "sync_count"]
+__all__ = ["asarray", "asnumpy", "cuda", "get_array_module", "launch_count", "ndarray",
+           "reset_launch_count", "reset_sync_count", "sync_count"]
