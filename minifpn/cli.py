@@ -397,6 +397,28 @@ def cmd_ablation(args) -> int:
     return 0
 
 
+def cmd_reference(args) -> int:
+    from .train import TrainingInterrupted
+    from .weights import make_reference
+
+    reason = _unwritable(args.out)
+    if reason:
+        print(f"minifpn reference: error: --out {args.out}: {reason}", file=sys.stderr)
+        return 2
+    print(f"Training the reference pair, fpn (c) and bottom_up (d), {args.iterations} steps of "
+          f"{args.batch_size} scenes each from seed {args.seed}; weights and metrics go to {args.out}/\n")
+    try:
+        make_reference(args.seed, args.iterations, args.batch_size, os.path.join(args.runs, args.name),
+                       args.eval_scenes, args.out, command=_command(args.argv), progress=not args.quiet,
+                       jobs=args.jobs)
+    except TrainingInterrupted as e:  # no resume for this job: the files are written only at the end
+        print(f"minifpn reference: interrupted at step {e.iteration}; {args.out} was not changed",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"\nwrote {args.out}/: fpn.npz, bottom_up.npz, reference.json")
+    return 0
+
+
 # ---- the parser ------------------------------------------------------------------------------
 
 def _training_options(p, iterations, time_limit=0, name=None):
@@ -503,6 +525,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", type=settings_list, default=",".join(table1.LETTERS), metavar="a,b,c",
                    help="Table 1 settings to train, comma-separated: letters a-f or names")
     p.set_defaults(run=cmd_ablation)
+
+    p = job("reference", help="train the shipped reference pair: FPN (c) and bottom-up pyramid (d)",
+            description="Train setting (c) fpn and setting (d) bottom_up from one seed with the demo's "
+                        "recipe and budget, evaluate each on the test split, and write their weights "
+                        "(fpn.npz, bottom_up.npz) and reference.json (configs, seed, metrics, command, "
+                        "run time, date) to --out, by default the package's minifpn/weights/ folder, "
+                        "which the notebooks load with minifpn.weights.load_reference.")
+    from .weights import FOLDER as WEIGHTS_FOLDER
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for weights, scenes and sampling")
+    p.add_argument("--iterations", type=positive_int, default=DEMO_ITERATIONS, help="training steps, each")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="scenes per step")
+    p.add_argument("--eval-scenes", type=positive_int, default=EVAL_SCENES, help="test scenes to evaluate on")
+    p.add_argument("--out", default=WEIGHTS_FOLDER, help="folder for the weights and reference.json")
+    p.add_argument("--runs", default="runs", help="folder for the training checkpoints (RUNS/NAME/SETTING)")
+    p.add_argument("--name", default="reference", help="run name")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="train the two settings in this many processes at once (same results)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_reference, backend="numpy")
 
     p = job("gradcheck", help="gradient-check every op and layer and print a table",
             description="Check every hand-written backward pass (conv2d, max_pool2d, "

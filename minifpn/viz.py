@@ -28,39 +28,78 @@ def channel_summary(a, mode: str = "mean", sample: int = 0):
     raise ValueError(f"channel_summary: mode must be 'mean', 'absmean' or 'max', got {mode!r}")
 
 
-def plot_pyramid(traced: dict, mode: str = "mean", sample: int = 0, title: str | None = None,
-                 cmap: str = "viridis"):
+STATISTICS = {"mean": "mean over channels", "absmean": "mean |value| over channels",
+              "max": "the channel of largest energy"}
+
+
+def plot_pyramid(traced: dict, mode: str = "absmean", sample: int = 0, title: str | None = None,
+                 cmap: str = "viridis", image=None, boxes=(), fig=None, colorbar: bool = True):
     """Draw ``fpn.maps`` or ``fpn.grads``: rows are levels (finest at the top), columns the
     stages of the pathway (C_k, lateral_k, topdown_k, M_k, P_k); extra levels (P6, P7) get
-    a row of their own. Each panel is labelled with its shape. Returns the figure."""
+    a row of their own. Each panel is one (H, W) ``channel_summary`` (``mode``) of a (N, C, H, W)
+    map, labelled with its name and (C, H, W) shape.
+
+    Every panel of a row shares one colour scale (0 to the row's largest value for "absmean"),
+    shown by a colourbar to the right of the row, so the stages of a level compare by colour;
+    the title names the statistic. ``image`` (H, W) or (C, H, W), the input of sample ``sample``,
+    is drawn in a first column beside the maps, with ``boxes`` (B, 4) as (x1, y1, x2, y2) in
+    green. ``fig``: a matplotlib Figure or SubFigure to draw into (e.g. one of
+    ``plt.figure().subfigures(1, 2)`` for two pyramids side by side); None makes a figure.
+    ``fig.axes`` lists the level x stage panels row by row, then the input panel; colourbars
+    are insets of each row's last panel. Returns the figure."""
     import matplotlib.pyplot as plt
 
+    if mode not in STATISTICS:
+        raise ValueError(f"plot_pyramid: mode must be one of {', '.join(map(repr, STATISTICS))}, "
+                         f"got {mode!r}")
     traced = {name: value for name, value in traced.items() if value is not None}
     levels = sorted({int(re.fullmatch(r"[A-Za-z]+(\d+)", name)[1]) for name in traced})
-    fig, axes = plt.subplots(len(levels), len(STAGES), figsize=(2.3 * len(STAGES), 2.1 * len(levels)),
-                             squeeze=False)
+    first = 0 if image is None else 1  # the input takes the first column
+    made = fig is None
+    if made:
+        fig = plt.figure(figsize=(2.3 * (len(STAGES) + 2 * first) + 0.6 * colorbar, 2.1 * len(levels)))
+    grid = fig.add_gridspec(len(levels), len(STAGES) + first, width_ratios=[2] * first + [1] * len(STAGES))
     for row, k in enumerate(levels):
-        for col, stage in enumerate(STAGES):
-            ax = axes[row, col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(STAGE_TITLES[stage], fontsize=9)
-            if col == 0:
-                ax.set_ylabel(f"level {k}", fontsize=9)
-            name = f"{stage}{k}"
-            if name not in traced or traced[name] is None:
-                ax.set_frame_on(False)
-                continue
-            image = channel_summary(traced[name], mode, sample)
-            ax.imshow(image, cmap=cmap, interpolation="nearest")
-            shape = tuple(to_numpy(traced[name]).shape[1:])
-            ax.text(0.02, 0.02, f"{name} {shape}", transform=ax.transAxes, fontsize=7,
-                    color="white", bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        _pyramid_row(fig, grid, row, k, traced, mode, sample, cmap, first, colorbar)
+    if image is not None:
+        ax = fig.add_subplot(grid[:, 0])
+        show_image_with_boxes(ax, image, boxes, color="lime")
+        ax.set_title("input", fontsize=9)
+    statistic = f"each panel: {STATISTICS[mode]}; one colour scale per row"
+    fig.suptitle(f"{title}\n{statistic}" if title else statistic, fontsize=10)
+    if made:
+        fig.subplots_adjust(left=0.04, right=0.93 if colorbar else 0.98, top=0.9, bottom=0.02,
+                            wspace=0.35 if colorbar else 0.1, hspace=0.15)
     return fig
+
+
+def _pyramid_row(fig, grid, row, k, traced, mode, sample, cmap, first, colorbar):
+    """One level of ``plot_pyramid``: its panels on a shared colour scale, and the colourbar."""
+    names = [f"{stage}{k}" for stage in STAGES]
+    summaries = {name: channel_summary(traced[name], mode, sample) for name in names if name in traced}
+    values = np.concatenate([a.ravel() for a in summaries.values()])
+    vmin = 0.0 if mode == "absmean" else float(values.min())
+    vmax = max(float(values.max()), vmin + 1e-12)  # an all-zero row still gets a scale
+    drawn = None
+    for col, (stage, name) in enumerate(zip(STAGES, names)):
+        ax = fig.add_subplot(grid[row, first + col])
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if row == 0:
+            ax.set_title(STAGE_TITLES[stage], fontsize=9)
+        if col == 0:
+            ax.set_ylabel(f"level {k}", fontsize=9)
+        if name not in summaries:
+            ax.set_frame_on(False)
+            continue
+        drawn = ax.imshow(summaries[name], cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
+        last = ax
+        shape = tuple(to_numpy(traced[name]).shape[1:])
+        ax.text(0.02, 0.02, f"{name} {shape}", transform=ax.transAxes, fontsize=7,
+                color="white", bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
+    if colorbar and drawn is not None:
+        cax = last.inset_axes([1.05, 0.0, 0.07, 1.0])  # a child of the panel: not in fig.axes
+        fig.colorbar(drawn, cax=cax).ax.tick_params(labelsize=7)
 
 
 def show_image_with_boxes(ax, image, boxes=(), labels=(), color="lime", scores=None,

@@ -33,3 +33,41 @@ def test_plot_pyramid_draws_one_row_per_level_and_a_panel_per_traced_map(rng):
         assert len(axes[4, 4].images) == 1 and len(axes[4, 0].images) == 0  # P6 only
         assert len(axes[3, 2].images) == 0  # no top-down map arrives at level 5
         matplotlib.pyplot.close(fig)
+
+
+def test_plot_pyramid_shares_one_colour_scale_per_row_with_a_colourbar_input_and_statistic(rng):
+    fpn = FPN([4, 6, 8, 10], 5, trace=True)
+    cs = [rng.standard_normal((1, c, s, s)).astype(np.float32)
+          for c, s in zip([4, 6, 8, 10], [16, 8, 4, 2])]
+    fpn(cs)
+    image = rng.random((1, 64, 64))
+    fig = plot_pyramid(fpn.maps, image=image, boxes=np.array([[4.0, 4.0, 20.0, 30.0]]), title="scene 0")
+    panels, input_ax = np.array(fig.axes[:25]).reshape(5, 5), fig.axes[25]
+    assert len(fig.axes) == 26  # 5 levels x 5 stages, then the input
+    assert input_ax.get_title() == "input" and input_ax.images[0].get_array().shape == (64, 64)
+    assert len(input_ax.patches) == 1  # the true box
+    assert "mean |value| over channels" in fig._suptitle.get_text() and "scene 0" in fig._suptitle.get_text()
+    for row, k in zip(panels, range(2, 7)):
+        images = [im for ax in row for im in ax.images]
+        clims = {im.get_clim() for im in images}
+        assert len(clims) == 1  # every stage of a level on one scale
+        low, high = clims.pop()
+        summaries = [channel_summary(fpn.maps[n], "absmean") for n in
+                     (f"{s}{k}" for s in ("C", "lateral", "topdown", "M", "P")) if n in fpn.maps]
+        assert low == 0.0 and high == pytest.approx(max(float(a.max()) for a in summaries))
+        colourbars = [child for ax in row for child in ax.child_axes]
+        assert len(colourbars) == 1  # one per row, beside its last panel
+    matplotlib.pyplot.close(fig)
+
+
+def test_plot_pyramid_draws_two_pyramids_side_by_side_and_names_a_bad_mode(rng):
+    fpn = FPN([4, 6, 8, 10], 5, trace=True)
+    fpn([rng.standard_normal((1, c, s, s)).astype(np.float32) for c, s in zip([4, 6, 8, 10], [16, 8, 4, 2])])
+    fig = matplotlib.pyplot.figure()
+    left, right = fig.subfigures(1, 2)
+    assert plot_pyramid(fpn.maps, fig=left) is left and plot_pyramid(fpn.maps, fig=right, mode="max") is right
+    assert len(left.axes) == len(right.axes) == 25
+    assert "the channel of largest energy" in right._suptitle.get_text()
+    with pytest.raises(ValueError, match="mode must be one of 'mean', 'absmean', 'max', got 'median'"):
+        plot_pyramid(fpn.maps, mode="median")
+    matplotlib.pyplot.close("all")
