@@ -1,0 +1,143 @@
+"""The notebooks' exercises keep their shape: a setup cell with USE_SOLUTIONS = True, then for every
+"Your turn" a stub that raises NotImplementedError, a collapsed solution cell tagged "solution" that
+only runs while USE_SOLUTIONS is true, and a check cell that grades the stub's function.
+
+Fast: the cells are read from the notebook JSON and run alone on tiny inputs; the notebooks themselves
+run (with the solutions in place, so every check cell is exercised) under ``pytest --nbmake``.
+"""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minifpn.functional as F
+from minifpn.detection import box_iou, match_anchors
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+SETUP_LINE = "USE_SOLUTIONS = True  # False: grade your own code below"
+SOLUTION_FIRST_LINE = "if USE_SOLUTIONS:  # the solution; run with False to grade yours"
+
+
+def _tiny_anchor_case():
+    anchors = np.array([[0, 0, 8, 8], [4, 4, 12, 12], [20, 20, 28, 28]], dtype=np.float64)   # (A, 4)
+    boxes = np.array([[1, 1, 9, 9]], dtype=np.float64)                                       # (G, 4)
+    return anchors, boxes, 0.7, 0.3
+
+
+# notebook -> {exercise function: tiny arguments to call it with}
+EXERCISES = {
+    "01_convolution_and_im2col.ipynb": {
+        "my_im2col": lambda: (np.arange(16.0).reshape(1, 1, 4, 4), 3, 1, 0),
+        "my_col2im": lambda: (np.ones((1, 3, 3, 1, 2, 2)), (1, 1, 4, 4), 1, 0),
+    },
+    "02_backprop_and_gradient_checks.ipynb": {
+        "my_max_pool2d_backward": lambda: (np.ones((1, 1, 2, 2)), np.arange(16.0).reshape(1, 1, 4, 4), 2, 2),
+        "my_upsample_nearest_backward": lambda: (np.ones((1, 1, 4, 4)), (2, 2)),
+    },
+    "05_anchors_and_matching.ipynb": {
+        "my_match_anchors": _tiny_anchor_case,
+    },
+}
+
+
+def cells(name):
+    return json.loads((NOTEBOOKS / name).read_text())["cells"]
+
+
+def source(cell):
+    return "".join(cell["source"])
+
+
+def exercise_cells(name):
+    """{function name: (stub cell, solution cell, check cell)} for every "### Your turn" of a notebook."""
+    found = {}
+    nb = cells(name)
+    for i, cell in enumerate(nb):
+        if cell["cell_type"] != "markdown" or not source(cell).lstrip().startswith("### Your turn:"):
+            continue
+        stub, solution, check = nb[i + 1:i + 4]
+        match = re.search(r"^def (my_\w+)\(", source(stub), flags=re.MULTILINE)
+        assert match, f"{name}: the cell after '{source(cell).splitlines()[0]}' defines no my_<name>"
+        found[match[1]] = (stub, solution, check)
+    return found
+
+
+def namespace(**extra):
+    return {"np": np, "F": F, "box_iou": box_iou, **extra}
+
+
+@pytest.mark.parametrize("name", sorted(EXERCISES))
+def test_setup_cell_uses_the_solutions_and_says_how_to_grade_your_own(name):
+    nb = cells(name)
+    code = [c for c in nb if c["cell_type"] == "code"]
+    setup = [i for i, c in enumerate(code) if "USE_SOLUTIONS =" in source(c)]
+    assert setup and setup[0] < 3, f"{name}: no USE_SOLUTIONS assignment in the first code cells"
+    assert SETUP_LINE in source(code[setup[0]]).splitlines(), \
+        f"{name}: setup cell does not read {SETUP_LINE!r}"
+    assert len(setup) == 1, f"{name}: USE_SOLUTIONS is assigned in {len(setup)} code cells"
+    before = nb[:nb.index(code[setup[0]])]
+    assert any("USE_SOLUTIONS = False" in source(c) for c in before if c["cell_type"] == "markdown"), \
+        f"{name}: no markdown before the setup cell tells the learner to set USE_SOLUTIONS = False"
+
+
+@pytest.mark.parametrize("name", sorted(EXERCISES))
+def test_every_your_turn_has_a_stub_a_hidden_solution_and_a_check(name):
+    found = exercise_cells(name)
+    assert sorted(found) == sorted(EXERCISES[name]), f"{name}: exercises {sorted(found)}"
+    for function, (stub, solution, check) in found.items():
+        assert stub["cell_type"] == solution["cell_type"] == check["cell_type"] == "code"
+        assert "# YOUR CODE HERE" in source(stub) and "raise NotImplementedError" in source(stub), function
+        assert "solution" in solution["metadata"].get("tags", []), f"{function}: solution cell not tagged"
+        assert solution["metadata"].get("jupyter", {}).get("source_hidden") is True, \
+            f"{function}: solution cell is not collapsed"
+        assert source(solution).splitlines()[0] == SOLUTION_FIRST_LINE, f"{function}: solution's first line"
+        assert re.search(rf"^    def {function}\(", source(solution), flags=re.MULTILINE), \
+            f"{function}: the solution does not redefine {function} inside its if"
+        assert f"{function}(" in source(check) and "correct!" in source(check), \
+            f"{function}: the check cell neither calls it nor prints 'correct!'"
+        assert "assert" in source(check), f"{function}: the check cell asserts nothing"
+
+
+@pytest.mark.parametrize("name, function", [(n, f) for n in sorted(EXERCISES) for f in EXERCISES[n]])
+def test_stub_raises_and_solution_runs_only_with_use_solutions(name, function):
+    stub, solution, _ = exercise_cells(name)[function]
+    args = EXERCISES[name][function]()
+    learner = namespace()
+    exec(source(stub), learner)
+    with pytest.raises(NotImplementedError, match="your turn"):
+        learner[function](*args)
+    # with USE_SOLUTIONS = False the solution cell leaves the learner's stub in place ...
+    exec(source(solution), namespace(USE_SOLUTIONS=False, **{function: learner[function]}))
+    with pytest.raises(NotImplementedError, match="your turn"):
+        learner[function](*args)
+    # ... and with True it defines a function that runs on the same tiny inputs
+    solved = namespace(USE_SOLUTIONS=True, **{function: learner[function]})
+    exec(source(solution), solved)
+    assert solved[function] is not learner[function]
+    solved[function](*args)
+
+
+def test_tiny_solutions_give_the_library_values():
+    # the solutions on the tiny inputs above, against the library: a check that can fail
+    solved = namespace(USE_SOLUTIONS=True)
+    for name in EXERCISES:
+        for _, solution, _ in exercise_cells(name).values():
+            exec(source(solution), solved)
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    np.testing.assert_array_equal(solved["my_im2col"](x, 3, 1, 0), F.im2col(x, 3, 1, 0))
+    col = np.arange(36.0).reshape(1, 3, 3, 1, 2, 2)
+    np.testing.assert_array_equal(solved["my_col2im"](col, (1, 1, 4, 4), 1, 0),
+                                  F.col2im(col, (1, 1, 4, 4), 1, 0))
+    out, cache = F.max_pool2d(x, 2, 2)
+    dout = np.array([[[[1.0, 2.0], [3.0, 4.0]]]])
+    np.testing.assert_array_equal(solved["my_max_pool2d_backward"](dout, x, 2, 2),
+                                  F.max_pool2d_backward(dout, cache))
+    out, cache = F.upsample_nearest(x[:, :, :2, :2], (4, 4))
+    np.testing.assert_array_equal(solved["my_upsample_nearest_backward"](x, (2, 2)),
+                                  F.upsample_nearest_backward(x, cache))
+    anchors, boxes, pos, neg = _tiny_anchor_case()
+    expected = match_anchors(anchors, boxes, pos, neg)
+    for got, want in zip(solved["my_match_anchors"](anchors, boxes, pos, neg), expected):
+        np.testing.assert_array_equal(got, want)
