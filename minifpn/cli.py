@@ -192,7 +192,11 @@ def _validate_options(args, error) -> None:
 
 def _validate_paths(args, error) -> None:
     """The checkpoint to read, the folder to write to, the run to resume."""
-    if args.job == "evaluate":
+    if args.job == "probe" and args.checkpoint == REFERENCE:
+        from .weights import FOLDER, INFO_FILE
+        if not os.path.exists(os.path.join(FOLDER, INFO_FILE)):
+            error(f"no reference weights in {FOLDER}; run `minifpn reference` or give a checkpoint.npz")
+    elif args.job in ("evaluate", "probe"):
         if not os.path.exists(args.checkpoint):
             error(f"checkpoint {args.checkpoint} does not exist")
         if os.path.isdir(args.checkpoint):
@@ -380,6 +384,30 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+REFERENCE = "reference"  # `minifpn probe reference`: the shipped pair, minifpn.weights
+
+
+def cmd_probe(args) -> int:
+    from .analysis import L2, STEPS, format_probe_table, probe_levels
+    from .train import detector_from_checkpoint
+
+    if args.checkpoint == REFERENCE:
+        from .weights import NAMES, load_reference
+        detectors = [load_reference(name, args.backend) for name in NAMES]
+    else:
+        detectors = [detector_from_checkpoint(args.checkpoint, args.backend)[0]]
+    start = time.perf_counter()
+    results = [probe_levels(d, scenes=args.scenes, seeds=args.seeds) for d in detectors]
+    print(f"Linear probe of digit identity on each level ({args.checkpoint}): features pooled in each "
+          f"digit's box,\nsoftmax regression ({STEPS} gradient-descent steps, L2 {L2:g}) fitted on the "
+          f"{results[0].fit_digits} digits of {args.scenes} val scenes,\nscored on the digits of "
+          f"{args.scenes} test scenes (count in each heading); accuracy in %, mean ± std over "
+          f"{args.seeds} bootstrap resamples:\n")
+    print(format_probe_table(results))
+    print(f"\nin {time.perf_counter() - start:.0f} s")
+    return 0
+
+
 def cmd_ablation(args) -> int:
     from .train import TrainingInterrupted
 
@@ -554,6 +582,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend to run on")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for inputs and upstream gradients")
     p.set_defaults(run=cmd_gradcheck)
+
+    p = job("probe", help="how well each pyramid level names the digit: a linear probe per level",
+            description="Pool each level's features (C2..C5, and P2..P5 where there is a pyramid) inside "
+                        "every labelled digit's box, fit a linear classifier of the digit (0-9) on the "
+                        "val split's digits and score it on the test split's, and print the accuracy "
+                        "per level, overall and by object size, as mean ± std over bootstrap resamples "
+                        "(minifpn.analysis.probe_levels). CHECKPOINT_OR_NAME: a checkpoint.npz, or "
+                        f"'{REFERENCE}' for the shipped pair fpn (c) and bottom_up (d).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_NAME",
+                   help=f"path to checkpoint.npz, or '{REFERENCE}'")
+    p.add_argument("--scenes", type=positive_int, default=150,
+                   help="val scenes to fit on, and as many test scenes to score on")
+    p.add_argument("--seeds", type=positive_int, default=3, help="probe seeds: bootstrap resamples")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend")
+    p.set_defaults(run=cmd_probe)
     return parser
 
 
