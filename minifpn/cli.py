@@ -128,6 +128,14 @@ def settings_list(text: str) -> list:
     return [table1.resolve(p) for p in parts]
 
 
+def seeds_list(text: str) -> list:
+    """Seeds "0,1,2" -> [0, 1, 2]: distinct integers >= 0, in the order given."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts) or len(set(map(int, parts))) != len(parts):
+        raise argparse.ArgumentTypeError(f"must be distinct integers >= 0 separated by commas, got {text}")
+    return [int(p) for p in parts]
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with every error on one line: ``minifpn train: error: --lr must be ...``."""
 
@@ -180,6 +188,9 @@ def _validate_options(args, error) -> None:
     if getattr(args, "negative_iou", None) is not None and args.negative_iou >= args.positive_iou:
         error(f"--negative-iou must be below --positive-iou, got {args.negative_iou:g} >= "
               f"{args.positive_iou:g}")
+    given = {token.split("=", 1)[0] for token in getattr(args, "argv", [])}
+    if getattr(args, "seeds", None) and "--seed" in given:
+        error("--seed and --seeds: give one of them")
     if getattr(args, "allow_changes", False) and not args.resume:
         error("--allow-changes only applies with --resume")
     if args.backend != "numpy":
@@ -296,7 +307,8 @@ def _detector_config(args):
 def _train_config(args):
     from .train import TrainConfig
     return TrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
-                       warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every)
+                       warmup=args.warmup, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                       scenes={"distractors": args.distractors} if args.distractors else {})
 
 
 def _train_and_report(args, run_dir: str) -> dict:
@@ -415,12 +427,21 @@ def cmd_ablation(args) -> int:
         _print_summary(summary)
         _report_early_stop(args, summary)
 
+    out_dir, options = os.path.join(args.runs, args.name), {
+        "backend": args.backend, "progress": not args.quiet, "time_limit": args.time_limit or None,
+        "report": report}
     try:
-        table1.run_ablation(args.settings, _detector_config(args), _train_config(args),
-                            os.path.join(args.runs, args.name), args.eval_scenes, backend=args.backend,
-                            progress=not args.quiet, time_limit=args.time_limit or None, report=report)
+        if args.seeds:  # RUNS/NAME/seed<S>/SETTING, then RUNS/NAME/table1_seeds.{json,md}
+            table1.run_over_seeds(args.settings, _detector_config(args), _train_config(args), out_dir,
+                                  args.eval_scenes, args.seeds, **options)
+        else:
+            table1.run_ablation(args.settings, _detector_config(args), _train_config(args), out_dir,
+                                args.eval_scenes, **options)
     except TrainingInterrupted as e:  # the resume command names the setting cut short: RUNS/NAME/SETTING
         args.setting = os.path.basename(os.path.dirname(e.path))
+        if args.seeds:  # ... or RUNS/NAME/seed<S>/SETTING
+            seed_dir = os.path.basename(os.path.dirname(os.path.dirname(e.path)))
+            args.name, args.seed = os.path.join(args.name, seed_dir), int(seed_dir[len("seed"):])
         raise
     return 0
 
@@ -485,6 +506,9 @@ def _training_options(p, iterations, time_limit=0, name=None):
                         "so; 0: no limit")
     p.add_argument("--checkpoint-every", type=positive_int, default=train.checkpoint_every,
                    help="steps between checkpoints")
+    p.add_argument("--distractors", type=nonnegative_int, default=0,
+                   help="clutter patches per scene, train and test (fragments of digits, scrambled digits, "
+                        "strokes; no box, no label: docs/data.md); 0: none")
     p.add_argument("--runs", default="runs", help="folder for run outputs")
     p.add_argument("--name", default=name, help="run name: outputs go to RUNS/NAME/"
                    + ("" if name is not None else " (default: the setting's name)"))
@@ -552,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(**table1.PAPER_RPN)  # the paper's RPN, in place of DetectorConfig's detector
     p.add_argument("--settings", type=settings_list, default=",".join(table1.LETTERS), metavar="a,b,c",
                    help="Table 1 settings to train, comma-separated: letters a-f or names")
+    p.add_argument("--seeds", type=seeds_list, default=None, metavar="0,1,2",
+                   help="run every setting once per seed (in place of --seed) into RUNS/NAME/seed<S>/ and "
+                        "write RUNS/NAME/table1_seeds.{json,md}: mean ± std over the seeds, and which "
+                        "differences exceed the spread (default: none, one run with --seed)")
     p.set_defaults(run=cmd_ablation)
 
     p = job("reference", help="train the shipped reference pair: FPN (c) and bottom-up pyramid (d)",

@@ -8,7 +8,10 @@ Everything about that experiment lives here, in one place:
 - ``PAPER_AR1K``, ``PAPER_AR100``: the paper's numbers; ``PAPER_RPN``: how it trains the RPNs;
 - ``run_ablation``: train every setting at one budget, evaluate each, and write table1.json and
   table1.md (the ``minifpn ablation`` command only parses its options and calls it);
-- ``markdown_table``: our numbers beside the paper's.
+- ``markdown_table``: our numbers beside the paper's;
+- ``run_over_seeds``: ``run_ablation`` once per seed; ``aggregate`` (mean and standard deviation
+  of each metric over the seeds), ``beyond_spread`` (which differences exceed the spread) and
+  ``markdown_table_over_seeds`` make its table1_seeds.{json,md}.
 
 How a setting is wired (which maps the head sees, which FPN variant) is up to
 ``minifpn.models.detector.Detector`` and ``minifpn.models.fpn.FPN``.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 from dataclasses import dataclass
 
 
@@ -130,5 +134,112 @@ def run_ablation(settings, detector_config, train_config, out_dir: str, eval_sce
     return summaries
 
 
-__all__ = ["CHOICES", "ITERATIONS", "LETTERS", "PAPER_AR100", "PAPER_AR1K", "PAPER_RPN", "SETTINGS",
-           "Setting", "markdown_table", "resolve", "run_ablation"]
+# ---- over seeds: mean +- standard deviation, and which differences exceed the spread -----------
+
+# the metrics the seeds table reports (keys of minifpn.detection.metrics.evaluate). AR@10 is there
+# because AR@100 barely feels clutter: 100 proposals per scene of at most 5 digits find a digit
+# even when many clutter patches outrank it; AR@10 and AP do not.
+SEED_COLUMNS = {"AR@100": "AR@100", "AR@10": "AR@10", "AR_small": "AR_s", "AR_medium": "AR_m",
+                "AR_large": "AR_l", "AP": "AP", "AP50": "AP50"}
+
+
+def aggregate(runs: dict) -> dict:
+    """Mean and standard deviation over seeds. ``runs``: {seed: [summary, ...]} (summaries as
+    ``run_ablation`` returns them; every seed must hold the same settings) ->
+    {setting: {metric: {"mean", "std", "values"}}}, in %, for every metric of ``SEED_COLUMNS``.
+
+    ``std`` is the sample standard deviation (ddof = 1) over the seeds, 0.0 for a single seed;
+    ``values`` lists each seed's number, in the order of ``runs``. A metric a seed could not
+    measure (-1: no object of that size in its test scenes, as in COCO) is None there and left
+    out of mean and std; with none measured, mean and std are None."""
+    if not runs:
+        raise ValueError("aggregate needs the summaries of at least one seed, got none")
+    per_seed = {seed: {s["setting"]: s["metrics"] for s in summaries} for seed, summaries in runs.items()}
+    settings = list(next(iter(per_seed.values())))
+    for seed, rows in per_seed.items():
+        if list(rows) != settings:
+            raise ValueError(f"every seed must hold the same settings {settings}; "
+                             f"seed {seed} holds {list(rows)}")
+    table = {}
+    for name in settings:
+        table[name] = {}
+        for key in SEED_COLUMNS:
+            values = [100 * float(rows[name][key]) if rows[name][key] >= 0 else None
+                      for rows in per_seed.values()]
+            known = [v for v in values if v is not None]
+            mean = statistics.fmean(known) if known else None
+            std = statistics.stdev(known) if len(known) > 1 else (0.0 if known else None)
+            table[name][key] = {"mean": mean, "std": std, "values": values}
+    return table
+
+
+def beyond_spread(table: dict, a: str, b: str, metric: str = "AR_small") -> dict:
+    """Is the difference of setting ``a`` and ``b`` on ``metric`` larger than their spread?
+    ``table`` as ``aggregate`` returns it. The rule, stated so it can be checked by hand:
+    |mean_a - mean_b| > std_a + std_b. Returns {"difference": mean_a - mean_b, "spread":
+    std_a + std_b, "beyond": bool}; all three None where either was measured by no seed."""
+    x, y = table[a][metric], table[b][metric]
+    if x["mean"] is None or y["mean"] is None:
+        return {"difference": None, "spread": None, "beyond": None}
+    difference, spread = x["mean"] - y["mean"], x["std"] + y["std"]
+    return {"difference": difference, "spread": spread, "beyond": bool(abs(difference) > spread)}
+
+
+def markdown_table_over_seeds(table: dict, base: str = "fpn", metric: str = "AR_small") -> str:
+    """A markdown table of ``aggregate``'s output: "mean ± std" per setting and metric, in %,
+    then one line per other setting saying whether its ``metric`` differs from ``base``'s by
+    more than the spread (``beyond_spread``)."""
+    headings = ["setting", *SEED_COLUMNS.values()]
+    lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
+    for name, row in table.items():
+        cells = [f"{row[key]['mean']:.1f} ± {row[key]['std']:.1f}" if row[key]["mean"] is not None
+                 else "n/a" for key in SEED_COLUMNS]
+        lines.append("| " + " | ".join([SETTINGS[name].label, *cells]) + " |")
+    if base in table:
+        lines.append("")
+        column = SEED_COLUMNS[metric]
+        for name in table:
+            if name != base:
+                d = beyond_spread(table, base, name, metric)
+                if d["difference"] is None:
+                    lines.append(f"* {column}: ({SETTINGS[base].letter}) - ({SETTINGS[name].letter}): n/a")
+                    continue
+                verdict = "exceeds" if d["beyond"] else "does not exceed"
+                lines.append(f"* {column}: ({SETTINGS[base].letter}) - ({SETTINGS[name].letter}) = "
+                             f"{d['difference']:+.1f}, which {verdict} the spread {d['spread']:.1f} "
+                             f"(std + std)")
+    return "\n".join(lines)
+
+
+def run_over_seeds(settings, detector_config, train_config, out_dir: str, eval_scenes: int, seeds,
+                   **kwargs) -> dict:
+    """``run_ablation`` once per seed in ``seeds`` (weights, scenes and sampling all follow the
+    seed; each seed is evaluated on its own test split), into ``out_dir``/seed<S>/; then write
+    ``out_dir``/table1_seeds.json ({"seeds", "scenes", "runs", "table"}) and table1_seeds.md
+    (``markdown_table_over_seeds``). ``kwargs`` go to ``run_ablation``. Returns {seed: summaries}."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    runs = {}
+    for seed in seeds:
+        kwargs.get("log", print)(f"\n##### seed {seed} #####")
+        runs[seed] = run_ablation(settings, dataclasses.replace(detector_config, seed=seed),
+                                  dataclasses.replace(train_config, seed=seed),
+                                  os.path.join(out_dir, f"seed{seed}"), eval_scenes, **kwargs)
+    table = aggregate(runs)
+    with open(os.path.join(out_dir, "table1_seeds.json"), "w") as f:
+        json.dump({"seeds": seeds, "scenes": train_config.scenes, "table": table,
+                   "runs": {str(seed): summaries for seed, summaries in runs.items()}}, f, indent=2)
+    out = os.path.join(out_dir, "table1_seeds.md")
+    with open(out, "w") as f:
+        f.write(f"Table 1 over seeds {', '.join(map(str, seeds))}: {train_config.iterations} iterations "
+                f"of batch {train_config.batch_size} each, scenes {train_config.scenes or 'default'}, "
+                f"test split of each seed ({eval_scenes} scenes). Mean ± sample std over the seeds, in %.\n\n"
+                f"{markdown_table_over_seeds(table)}\n")
+    kwargs.get("log", print)("\n" + markdown_table_over_seeds(table) + f"\n\nwrote {out}")
+    return runs
+
+
+__all__ = ["CHOICES", "ITERATIONS", "LETTERS", "PAPER_AR100", "PAPER_AR1K", "PAPER_RPN", "SEED_COLUMNS",
+           "SETTINGS", "Setting", "aggregate", "beyond_spread", "markdown_table", "markdown_table_over_seeds",
+           "resolve", "run_ablation", "run_over_seeds"]

@@ -129,3 +129,130 @@ def test_importing_table1_loads_no_model_code():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "minifpn.table1" in out and "minifpn.models" not in out and "minifpn.train" not in out
     assert table1.__name__ == "minifpn.table1"
+
+
+# ---- over seeds --------------------------------------------------------------------------------
+
+def seed_summaries(ar_small: dict, **metrics) -> list:
+    """One seed's summaries: {setting: AR_small} (fractions), every other metric fixed."""
+    return [fake_summary(name, **{"AR@10": 0.4, "AR_small": value, **metrics})
+            for name, value in ar_small.items()]
+
+
+def test_aggregate_gives_mean_and_sample_std_over_seeds_in_percent():
+    runs = {0: seed_summaries({"fpn": 0.40, "bottom_up": 0.30}),
+            1: seed_summaries({"fpn": 0.50, "bottom_up": 0.30}),
+            2: seed_summaries({"fpn": 0.60, "bottom_up": 0.30})}
+    table = table1.aggregate(runs)
+    assert list(table) == ["fpn", "bottom_up"] and set(table["fpn"]) == set(table1.SEED_COLUMNS)
+    assert table["fpn"]["AR_small"]["mean"] == pytest.approx(50.0)
+    assert table["fpn"]["AR_small"]["std"] == pytest.approx(10.0)  # ddof = 1: sqrt((100 + 0 + 100) / 2)
+    assert table["fpn"]["AR_small"]["values"] == pytest.approx([40.0, 50.0, 60.0])
+    assert table["bottom_up"]["AR_small"] == {"mean": pytest.approx(30.0), "std": 0.0,
+                                              "values": pytest.approx([30.0] * 3)}
+    assert table["fpn"]["AR@10"]["mean"] == pytest.approx(40.0)
+    assert table1.aggregate({7: seed_summaries({"fpn": 0.4})})["fpn"]["AR_small"]["std"] == 0.0  # one seed
+
+
+def test_beyond_spread_is_the_difference_against_the_sum_of_the_stds():
+    runs = {0: seed_summaries({"fpn": 0.40, "bottom_up": 0.30, "p2_only": 0.45}),
+            1: seed_summaries({"fpn": 0.50, "bottom_up": 0.30, "p2_only": 0.50}),
+            2: seed_summaries({"fpn": 0.60, "bottom_up": 0.30, "p2_only": 0.55})}
+    table = table1.aggregate(runs)
+    d = table1.beyond_spread(table, "fpn", "bottom_up")
+    assert d == {"difference": pytest.approx(20.0), "spread": pytest.approx(10.0), "beyond": True}
+    d = table1.beyond_spread(table, "fpn", "p2_only")  # same mean, stds 10 and 5
+    assert d == {"difference": pytest.approx(0.0), "spread": pytest.approx(15.0), "beyond": False}
+    equal = table1.aggregate({0: seed_summaries({"fpn": 0.5, "c4": 0.25}),
+                              1: seed_summaries({"fpn": 0.5, "c4": 0.75})})  # |0| vs 35.4: not beyond
+    assert table1.beyond_spread(equal, "fpn", "c4")["beyond"] is False
+
+
+def test_aggregate_leaves_out_what_a_seed_could_not_measure_and_refuses_mismatched_seeds():
+    runs = {0: seed_summaries({"fpn": 0.4}, AR_large=-1.0), 1: seed_summaries({"fpn": 0.6}, AR_large=0.5)}
+    row = table1.aggregate(runs)["fpn"]
+    assert row["AR_large"] == {"mean": pytest.approx(50.0), "std": 0.0, "values": [None, pytest.approx(50.0)]}
+    none = table1.aggregate({0: seed_summaries({"fpn": 0.4, "c4": 0.2}, AR_large=-1.0)})
+    assert none["fpn"]["AR_large"] == {"mean": None, "std": None, "values": [None]}
+    assert table1.beyond_spread(none, "fpn", "c4", "AR_large") == {"difference": None, "spread": None,
+                                                                     "beyond": None}
+    assert "| n/a |" in table1.markdown_table_over_seeds(none)
+    with pytest.raises(ValueError, match=r"every seed must hold the same settings \['fpn'\]; seed 1 holds"):
+        table1.aggregate({0: seed_summaries({"fpn": 0.4}), 1: seed_summaries({"bottom_up": 0.4})})
+    with pytest.raises(ValueError, match="at least one seed, got none"):
+        table1.aggregate({})
+
+
+def test_markdown_table_over_seeds_prints_mean_pm_std_and_says_what_exceeds_the_spread():
+    runs = {0: seed_summaries({"fpn": 0.40, "bottom_up": 0.30, "p2_only": 0.45}),
+            1: seed_summaries({"fpn": 0.60, "bottom_up": 0.30, "p2_only": 0.55})}
+    lines = table1.markdown_table_over_seeds(table1.aggregate(runs)).splitlines()
+    assert lines[0] == "| setting | AR@100 | AR@10 | AR_s | AR_m | AR_l | AP | AP50 |"
+    assert lines[1] == "|" + "---|" * 8
+    # AR_s of fpn: 40 and 60 -> 50.0 ± 14.1 (sample std: 20 / sqrt(2))
+    assert lines[2] == (f"| {SETTINGS['fpn'].label} | 50.0 ± 0.0 | 40.0 ± 0.0 | 50.0 ± 14.1 | 12.5 ± 0.0 "
+                        "| 100.0 ± 0.0 | 0.0 ± 0.0 | 75.0 ± 0.0 |")
+    assert lines[3].startswith(f"| {SETTINGS['bottom_up'].label} | 50.0 ± 0.0 | 40.0 ± 0.0 | 30.0 ± 0.0 |")
+    assert lines[5:] == ["", "* AR_s: (c) - (d) = +20.0, which exceeds the spread 14.1 (std + std)",
+                         "* AR_s: (c) - (f) = +0.0, which does not exceed the spread 21.2 (std + std)"]
+
+
+def test_run_over_seeds_runs_each_seed_on_its_own_test_split_and_writes_the_table(tmp_path):
+    detector_config = DetectorConfig(widths=(4, 4, 4, 4), channels=4, **PAPER_RPN)
+    train_config = TrainConfig(iterations=1, batch_size=1, checkpoint_every=1, scenes={"distractors": 3})
+    logged = []
+    runs = table1.run_over_seeds(["c", "d"], detector_config, train_config, str(tmp_path), 2, [3, 1],
+                                 progress=False, log=logged.append)
+    assert list(runs) == [3, 1]
+    for seed, summaries in runs.items():
+        assert [s["setting"] for s in summaries] == ["fpn", "bottom_up"]
+        assert all(s["detector_config"]["seed"] == seed for s in summaries)
+        assert (tmp_path / f"seed{seed}" / "bottom_up" / "checkpoint.npz").exists()
+    saved = json.loads((tmp_path / "table1_seeds.json").read_text())
+    assert saved["seeds"] == [3, 1] and saved["scenes"] == {"distractors": 3}
+    assert saved["table"] == json.loads(json.dumps(table1.aggregate(runs)))
+    assert list(saved["runs"]) == ["3", "1"]
+    text = (tmp_path / "table1_seeds.md").read_text()
+    assert text.startswith("Table 1 over seeds 3, 1: 1 iterations of batch 1 each, scenes {'distractors': 3}")
+    assert logged[0] == "\n##### seed 3 #####" and logged[-1].endswith(f"wrote {tmp_path}/table1_seeds.md")
+    with pytest.raises(ValueError, match=r"seeds must be distinct and at least one, got \[1, 1\]"):
+        table1.run_over_seeds(["c"], detector_config, train_config, str(tmp_path), 2, [1, 1])
+
+
+def test_train_and_evaluate_scores_the_test_split_of_the_runs_seed_and_scenes(tmp_path):
+    # seed 1's test digits are not seed 0's, and the clutter of training is also in the test scenes
+    from minifpn.data import DigitScenes, SceneConfig
+    from minifpn.models.detector import Detector
+    from minifpn.train import train_and_evaluate
+
+    config = TrainConfig(iterations=1, batch_size=1, checkpoint_every=1, seed=1, scenes={"distractors": 4})
+    detector = Detector(DetectorConfig(widths=(4, 4, 4, 4), channels=4, seed=1, **PAPER_RPN))
+    _, _, _, truths = train_and_evaluate(detector, config, str(tmp_path), 3, progress=False)
+    expected = DigitScenes("test", 3, seed=1, config=SceneConfig(distractors=4))
+    seed0 = DigitScenes("test", 3, seed=0)
+    assert [t["boxes"].tolist() for t in truths] == [expected[i][1].tolist() for i in range(3)]
+    assert [t["boxes"].tolist() for t in truths] != [seed0[i][1].tolist() for i in range(3)]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--seeds", "0,0"], "--seeds must be distinct integers >= 0 separated by commas, got 0,0"),
+    (["--seeds", "0,-1"], "--seeds must be distinct integers >= 0 separated by commas, got 0,-1"),
+    (["--seeds", "0,1", "--seed", "2"], "--seed and --seeds: give one of them"),
+    (["--distractors", "-3"], "--distractors must be an integer >= 0, got -3"),
+    (["--distractors", "2.5"], "--distractors must be an integer >= 0, got 2.5"),
+])
+def test_ablation_refuses_bad_seeds_and_distractors_in_one_line(argv, words, tmp_path, capsys):
+    from minifpn.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["ablation", "--runs", str(tmp_path / "runs"), *argv])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"minifpn ablation: error: {words}"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ablation_options_reach_the_train_config():
+    from minifpn.cli import _train_config, build_parser
+    args = build_parser().parse_args(["ablation", "--distractors", "10", "--seeds", "2,0,1"])
+    assert args.seeds == [2, 0, 1]
+    assert _train_config(args).scenes == {"distractors": 10}
+    assert _train_config(build_parser().parse_args(["ablation"])).scenes == {}  # default scenes
