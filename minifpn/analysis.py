@@ -10,8 +10,9 @@ those vectors alone. The detector is frozen; only the probe is fitted.
 The recipe, fixed before looking at any result:
 
 - digits: every labelled digit of ``scenes`` val scenes (the probe is fitted on these) and
-  ``scenes`` test scenes (the probe is scored on these); val and test use disjoint source digits,
-  and neither was seen in training (``minifpn.data.split_indices``);
+  ``scenes`` test scenes (the probe is scored on these), drawn with the training run's seed; val
+  and test use disjoint source digits, and neither was seen in training
+  (``minifpn.data.split_indices``);
 - pooling (``box_cells``, ``pool_box``): on a level of stride s, the mean over the cells whose
   centres ((j + 0.5) s) lie inside the box, on each axis; where no centre does (a box narrower
   than a stride), the one cell that holds the box's centre;
@@ -171,7 +172,8 @@ def fit_softmax(X: np.ndarray, y: np.ndarray, num_classes: int = NUM_DIGITS, ste
 class ProbeResult:
     """accuracy (levels, seeds, buckets): fraction of scored digits named right, per level, seed
     and size bucket (BUCKETS; NaN where a resample has no digit of that size). counts (buckets,):
-    scored digits of each size. channels: feature length per level."""
+    scored digits of each size. channels: feature length per level. fit_digits: digits fitted on.
+    scene_seed: the seed the scenes and their split were drawn with."""
 
     setting: str
     levels: list
@@ -179,6 +181,7 @@ class ProbeResult:
     counts: dict
     channels: dict
     fit_digits: int
+    scene_seed: int
     buckets: tuple = BUCKETS
     seconds: float = field(default=0.0)
 
@@ -199,16 +202,21 @@ class ProbeResult:
 
 
 def probe_levels(detector, scenes: int = 150, seeds: int = 3, steps: int = STEPS, l2: float = L2,
-                 batch_size: int = 16) -> ProbeResult:
+                 batch_size: int = 16, scene_config=None, scene_seed: int | None = None) -> ProbeResult:
     """Fit a linear probe of digit identity on every level of ``detector`` (the module docstring
     gives the recipe): fitted on the digits of ``scenes`` val scenes, scored on those of
-    ``scenes`` test scenes, ``seeds`` bootstrap resamples of both. Returns a ``ProbeResult``."""
+    ``scenes`` test scenes, ``seeds`` bootstrap resamples of both. ``scene_config``: a
+    ``minifpn.data.SceneConfig`` for both (default: plain scenes). ``scene_seed``: the seed of the
+    scenes and of the digits' split, which must be the training run's (``TrainConfig.seed``) for
+    the val and test digits to be unseen in training; None: ``detector.config.seed``, which
+    ``minifpn train`` sets to the same. Returns a ``ProbeResult``."""
     if not (isinstance(scenes, int) and scenes >= 1 and isinstance(seeds, int) and seeds >= 1):
         raise ValueError(f"probe_levels: scenes and seeds must be integers >= 1, got {scenes!r} and "
                          f"{seeds!r}")
     start = time.perf_counter()
-    fit = digit_features(detector, DigitScenes("val", n=scenes), batch_size)
-    score = digit_features(detector, DigitScenes("test", n=scenes), batch_size)
+    seed = detector.config.seed if scene_seed is None else scene_seed
+    fit = digit_features(detector, DigitScenes("val", scenes, seed, scene_config), batch_size)
+    score = digit_features(detector, DigitScenes("test", scenes, seed, scene_config), batch_size)
     levels = list(fit.features)
     accuracy = np.full((len(levels), seeds, len(BUCKETS)), np.nan)
     for s in range(seeds):
@@ -225,7 +233,7 @@ def probe_levels(detector, scenes: int = 150, seeds: int = 3, steps: int = STEPS
                     accuracy[i, s, j] = chosen.mean()
     counts = {b: int(len(score.sizes) if b == "all" else (score.sizes == b).sum()) for b in BUCKETS}
     return ProbeResult(detector.config.setting, levels, accuracy, counts,
-                       {name: fit.features[name].shape[1] for name in levels}, len(fit.labels),
+                       {name: fit.features[name].shape[1] for name in levels}, len(fit.labels), seed,
                        seconds=time.perf_counter() - start)
 
 

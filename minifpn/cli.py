@@ -404,17 +404,19 @@ def cmd_probe(args) -> int:
     from .train import detector_from_checkpoint
 
     if args.checkpoint == REFERENCE:
-        from .weights import NAMES, load_reference
-        detectors = [load_reference(name, args.backend) for name in NAMES]
+        from .weights import NAMES, load_reference, reference_info
+        detectors, seed = [load_reference(name, args.backend) for name in NAMES], reference_info()["seed"]
     else:
-        detectors = [detector_from_checkpoint(args.checkpoint, args.backend)[0]]
+        detector, ckpt = detector_from_checkpoint(args.checkpoint, args.backend)
+        # the run's own split; None (a checkpoint without it): the detector's seed, the same in `train`
+        detectors, seed = [detector], ckpt["meta"].get("train_config", {}).get("seed")
     start = time.perf_counter()
-    results = [probe_levels(d, scenes=args.scenes, seeds=args.seeds) for d in detectors]
+    results = [probe_levels(d, scenes=args.scenes, seeds=args.seeds, scene_seed=seed) for d in detectors]
     print(f"Linear probe of digit identity on each level ({args.checkpoint}): features pooled in each "
           f"digit's box,\nsoftmax regression ({STEPS} gradient-descent steps, L2 {L2:g}) fitted on the "
           f"{results[0].fit_digits} digits of {args.scenes} val scenes,\nscored on the digits of "
-          f"{args.scenes} test scenes (count in each heading); accuracy in %, mean ± std over "
-          f"{args.seeds} bootstrap resamples:\n")
+          f"{args.scenes} test scenes (scene seed {results[0].scene_seed}; count in each heading); "
+          f"accuracy in %, mean ± std over {args.seeds} bootstrap resamples:\n")
     print(format_probe_table(results))
     print(f"\nin {time.perf_counter() - start:.0f} s")
     return 0

@@ -151,6 +151,15 @@ def test_probe_levels_is_determined_by_its_seeds(tiny):
     np.testing.assert_array_equal(a.accuracy, b.accuracy)
     np.testing.assert_array_equal(a.accuracy[:, :1], c.accuracy)  # seed 0 is the same resample
     assert not np.array_equal(a.accuracy[:, 0], a.accuracy[:, 1])  # seed 1 is another one
+    assert a.scene_seed == tiny.config.seed == 0
+
+
+def test_probe_levels_draws_its_digits_with_the_training_runs_seed(tiny):
+    """scene_seed picks the scenes and the split of the source digits (the run's TrainConfig.seed)."""
+    r = probe_levels(tiny, scenes=3, seeds=1, steps=20, scene_seed=5)
+    assert r.scene_seed == 5
+    assert r.fit_digits == sum(len(DigitScenes("val", n=3, seed=5)[i][1]) for i in range(3))
+    assert r.counts["all"] == sum(len(DigitScenes("test", n=3, seed=5)[i][1]) for i in range(3))
 
 
 @pytest.mark.parametrize("scenes, seeds", [(0, 3), (5, 0), (2.5, 3)])
@@ -173,7 +182,7 @@ def test_cli_probe_prints_the_table_of_a_checkpoint(tmp_path, capsys):
     assert main(["probe", str(path), "--scenes", "2", "--seeds", "2"]) == 0
     out = capsys.readouterr().out
     assert "softmax regression (1000 gradient-descent steps, L2 0.01)" in out
-    assert "mean ± std over 2 bootstrap resamples" in out
+    assert "mean ± std over 2 bootstrap resamples" in out and "(scene seed 0;" in out
     rows = [line for line in out.splitlines() if line.startswith("| bottom_up |")]
     assert [row.split("|")[2].strip() for row in rows] == LEVELS
 
