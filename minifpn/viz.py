@@ -152,24 +152,93 @@ def plot_loss_curve(history: dict, title: str = "training loss"):
     return fig
 
 
+# where a label may go, relative to its box (x1, y1, x2, y2) on an image whose y axis points down:
+# (x of the anchor, y of the anchor, horizontal alignment, vertical alignment); "bottom" puts the
+# text above the anchor on the screen. Tried in this order: above the box, below it, then inside.
+_LABEL_PLACES = (("x1", "y1", "left", "bottom"), ("x1", "y2", "left", "top"),
+                 ("x2", "y1", "right", "bottom"), ("x2", "y2", "right", "top"),
+                 ("x1", "y1", "left", "top"), ("x2", "y2", "right", "bottom"))
+TRUTH_COLOR, PREDICTION_COLOR = "lime", "red"
+_LABEL_PAD = 0.8  # points of coloured backing around a label's text
+
+
+def _place_label(ax, renderer, box, text, color, taken):
+    """Put ``text`` at the first place around ``box`` (pixel edges) that stays inside the panel and
+    overlaps no extent in ``taken``; returns the Text, or None (nothing drawn) if no place is free."""
+    x1, y1, x2, y2 = (float(v) - 0.5 for v in box)  # imshow puts pixel c's centre at c
+    corners = {"x1": x1, "x2": x2, "y1": y1, "y2": y2}
+    panel = ax.get_window_extent(renderer)
+    backing = _LABEL_PAD * ax.figure.dpi / 72  # the coloured box around the text, in pixels
+    for x, y, ha, va in _LABEL_PLACES:
+        # nudged 2 points off the anchor, so the coloured backing clears the box line or the edge
+        offset = (2 if ha == "left" else -2, 2 if va == "bottom" else -2)
+        label = ax.annotate(text, (corners[x], corners[y]), xytext=offset, textcoords="offset points",
+                            ha=ha, va=va, fontsize=7, color="black" if color == TRUTH_COLOR else "white",
+                            bbox=dict(facecolor=color, edgecolor="none", pad=_LABEL_PAD, alpha=0.85))
+        extent = label.get_window_extent(renderer).padded(backing)
+        inside = (panel.x0 <= extent.x0 and extent.x1 <= panel.x1 and panel.y0 <= extent.y0
+                  and extent.y1 <= panel.y1)
+        if inside and not any(extent.overlaps(other) for other in taken):
+            taken.append(extent)
+            return label
+        label.remove()
+    return None
+
+
 def plot_detections(images, detections, truths=None, columns: int = 4, min_score: float = 0.3):
-    """A grid of scenes: true boxes in green (if given), predictions above ``min_score`` in red
-    with their digit and score."""
+    """A grid of scenes: each true box in green with the name of its digit (if ``truths`` is
+    given), each prediction scoring at least ``min_score`` in red with its digit and score.
+
+    images: (N, C, H, W) (or N arrays (C, H, W)); detections: N dicts with "boxes" (D, 4) as
+    (x1, y1, x2, y2), "scores" (D,), "labels" (D,); truths: N dicts with "boxes" (G, 4), "labels"
+    (G,). A legend above the grid says what the colours mean and gives the score threshold. Every
+    label sits inside its panel and overlaps no other label: true digits are placed first, then
+    predictions by decreasing score, above, below or inside their box; a label with no free place
+    is left out (its box is still drawn) and the panel's title counts it. Host-only: every array
+    is moved with ``to_numpy``.
+    """
+    import matplotlib.patches as patches
     import matplotlib.pyplot as plt
 
     n = len(detections)
     rows = -(-n // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    legend_inches = 0.45
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows + legend_inches),
+                             squeeze=False)
+    # a fixed layout (no tight_layout afterwards), so the label extents measured below stay true
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, wspace=0.04, hspace=0.1,
+                        top=1 - legend_inches / fig.get_figheight())
+    renderer = fig.canvas.get_renderer()
     for i, ax in enumerate(axes.ravel()):
         if i >= n:
             ax.set_axis_off()
             continue
-        true_boxes = truths[i]["boxes"] if truths is not None else ()
-        show_image_with_boxes(ax, images[i], true_boxes, color="lime")
+        show_image_with_boxes(ax, images[i])
+        ax.set_xlim(ax.get_xlim())  # fixed now: labels must not widen the view
+        ax.set_ylim(ax.get_ylim())
+        drawn = []  # (box, text, colour), in the order their labels are placed
+        if truths is not None:
+            for box, digit in zip(to_numpy(truths[i]["boxes"]).reshape(-1, 4),
+                                  to_numpy(truths[i]["labels"]).reshape(-1)):
+                drawn.append((box, f"{int(digit)}", TRUTH_COLOR))
         d = detections[i]
-        scores = to_numpy(d["scores"])
-        keep = scores >= min_score
-        show_image_with_boxes(ax, None, to_numpy(d["boxes"])[keep], to_numpy(d["labels"])[keep],
-                              color="red", scores=scores[keep], draw_image=False)
-    fig.tight_layout()
+        scores = to_numpy(d["scores"]).reshape(-1)
+        boxes, labels = to_numpy(d["boxes"]).reshape(-1, 4), to_numpy(d["labels"]).reshape(-1)
+        for j in np.argsort(-scores, kind="stable"):
+            if scores[j] >= min_score:
+                drawn.append((boxes[j], f"{int(labels[j])} {float(scores[j]):.2f}", PREDICTION_COLOR))
+        taken, hidden = [], 0
+        for box, text, color in drawn:
+            x1, y1, x2, y2 = (float(v) for v in box)
+            ax.add_patch(patches.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False,
+                                           color=color, lw=1.2 if color == TRUTH_COLOR else 1.0))
+            hidden += _place_label(ax, renderer, box, text, color, taken) is None
+        title = f"scene {i}" + (f" ({hidden} label{'s' * (hidden > 1)} left out: no room)" if hidden else "")
+        ax.set_title(title, fontsize=8)
+    handles = [patches.Patch(facecolor="none", edgecolor=TRUTH_COLOR, lw=1.5,
+                             label="true box, labelled with its digit"),
+               patches.Patch(facecolor="none", edgecolor=PREDICTION_COLOR, lw=1.5,
+                             label=f"prediction: digit and score, shown if score >= {min_score:g}")]
+    fig.legend(handles=handles, loc="upper center", ncol=2, fontsize=9, frameon=False,
+               bbox_to_anchor=(0.5, 1.0))
     return fig

@@ -195,7 +195,7 @@ def test_figures_from_device_arrays(backend, rng):
         assert len(rects) == 2  # the true box and the prediction
         assert [(r.get_x(), r.get_y(), r.get_width(), r.get_height()) for r in rects] == \
             [(0.5, 1.5, 10.0, 20.0)] * 2
-        assert [t.get_text() for t in ax.texts] == ["7 0.90"]
+        assert [t.get_text() for t in ax.texts] == ["7", "7 0.90"]  # the true digit, the prediction
     matplotlib.pyplot.close(fig)
     history = {"iteration": [1, 2, 3], "loss": [3.0, 2.0, 1.0], "cls": [2.0, 1.5, 0.8],
                "box": [1.0, 0.5, 0.2]}

@@ -71,3 +71,61 @@ def test_plot_pyramid_draws_two_pyramids_side_by_side_and_names_a_bad_mode(rng):
     with pytest.raises(ValueError, match="mode must be one of 'mean', 'absmean', 'max', got 'median'"):
         plot_pyramid(fpn.maps, mode="median")
     matplotlib.pyplot.close("all")
+
+
+def _label_extents(fig):
+    """(panel extent, [(text, extent)]) of every drawn panel, after a draw."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [(ax.get_window_extent(renderer),
+             [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts])
+            for ax in fig.axes if ax.images]
+
+
+def test_plot_detections_names_truth_and_predictions_and_labels_neither_overlap_nor_clip():
+    from minifpn.viz import plot_detections
+
+    images = np.zeros((2, 1, 64, 64), dtype=np.float32)
+    # a box on the top edge (a label above it would clip), one on the right edge, and a crowd of
+    # predictions on one small digit: the labels have to find free places
+    truths = [{"boxes": np.array([[0, 0, 10, 12], [54, 30, 64, 44]], np.float32), "labels": np.array([7, 1])},
+              {"boxes": np.array([[20, 20, 28, 30]], np.float32), "labels": np.array([3])}]
+    crowd = np.array([[20, 20, 28, 30]] * 6, np.float32) + np.arange(6, dtype=np.float32)[:, None] * 0.5
+    detections = [{"boxes": np.array([[0, 1, 10, 12], [54, 31, 64, 44]], np.float32),
+                   "scores": np.array([0.9, 0.2]), "labels": np.array([7, 4])},
+                  {"boxes": crowd, "scores": np.linspace(0.95, 0.45, 6), "labels": np.arange(6)}]
+    fig = plot_detections(images, detections, truths, columns=2, min_score=0.3)
+    panels = _label_extents(fig)
+    texts = [text for _, labels in panels for text, _ in labels]
+    assert "7" in texts and "1" in texts and "3" in texts          # the true digits are named
+    assert "7 0.90" in texts and "0 0.95" in texts                 # predictions: digit and score
+    assert not any(t.startswith("4 0.20") for t in texts)          # below min_score: not drawn
+    legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    assert "true box" in legend and "prediction" in legend and ">= 0.3" in legend
+    for panel, labels in panels:
+        for k, (text, extent) in enumerate(labels):
+            assert panel.x0 <= extent.x0 and extent.x1 <= panel.x1, f"{text!r} clipped left/right"
+            assert panel.y0 <= extent.y0 and extent.y1 <= panel.y1, f"{text!r} clipped top/bottom"
+            for other, other_extent in labels[k + 1:]:
+                assert not extent.overlaps(other_extent), f"labels {text!r} and {other!r} overlap"
+    # the crowd does not fit: what is left out is counted in the title, never drawn on top
+    crowd_panel = fig.axes[1]
+    drawn = sum(t.get_text()[:1].isdigit() and " " in t.get_text() for t in crowd_panel.texts)
+    left_out = 6 - drawn
+    assert left_out == 0 or f"{left_out} label" in crowd_panel.get_title()
+    assert len(crowd_panel.patches) == 1 + 6                       # every box is drawn, labelled or not
+    matplotlib.pyplot.close(fig)
+
+
+def test_plot_pyramid_marks_the_maps_no_gradient_reaches(rng):
+    fpn = FPN([4, 6, 8, 10], 5, trace=True)
+    sizes = zip([4, 6, 8, 10], [16, 8, 4, 2])
+    out = fpn([rng.standard_normal((1, c, s, s)).astype(np.float32) for c, s in sizes])
+    fpn.backward([None, None, np.ones_like(out[2]), None, None])  # dP4 only: levels 2 and 3 get nothing
+    grads = {name: fpn.grads.get(name, np.zeros_like(m)) for name, m in fpn.maps.items()}
+    panels = np.array(plot_pyramid(grads).axes).reshape(5, 5)
+    assert [t.get_text() for t in panels[0, 0].texts] == ["C2 (4, 16, 16) = 0"]
+    assert panels[0, 0].images[0].get_clim() == (0.0, 1.0)  # an all-zero row still has a scale
+    assert [t.get_text() for t in panels[2, 0].texts] == ["C4 (8, 4, 4)"]
+    assert [t.get_text() for t in panels[2, 4].texts] == ["P4 (5, 4, 4)"]
+    matplotlib.pyplot.close("all")
