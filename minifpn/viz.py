@@ -79,7 +79,9 @@ def _pyramid_row(fig, grid, row, k, traced, mode, sample, cmap, first, colorbar)
     summaries = {name: channel_summary(traced[name], mode, sample) for name in names if name in traced}
     values = np.concatenate([a.ravel() for a in summaries.values()])
     vmin = 0.0 if mode == "absmean" else float(values.min())
-    vmax = max(float(values.max()), vmin + 1e-12)  # an all-zero row still gets a scale
+    vmax = float(values.max())
+    if vmax <= vmin:  # a constant row (all zero: no gradient reaches the level) still gets a scale
+        vmax = vmin + 1.0
     drawn = None
     for col, (stage, name) in enumerate(zip(STAGES, names)):
         ax = fig.add_subplot(grid[row, first + col])
@@ -95,7 +97,8 @@ def _pyramid_row(fig, grid, row, k, traced, mode, sample, cmap, first, colorbar)
         drawn = ax.imshow(summaries[name], cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
         last = ax
         shape = tuple(to_numpy(traced[name]).shape[1:])
-        ax.text(0.02, 0.02, f"{name} {shape}", transform=ax.transAxes, fontsize=7,
+        zero = " = 0" if not summaries[name].any() else ""  # e.g. a level no gradient reaches
+        ax.text(0.02, 0.02, f"{name} {shape}{zero}", transform=ax.transAxes, fontsize=7,
                 color="white", bbox=dict(facecolor="black", alpha=0.5, pad=1, lw=0))
     if colorbar and drawn is not None:
         cax = last.inset_axes([1.05, 0.0, 0.07, 1.0])  # a child of the panel: not in fig.axes
