@@ -11,7 +11,8 @@ Everything about that experiment lives here, in one place:
 - ``markdown_table``: our numbers beside the paper's;
 - ``run_over_seeds``: ``run_ablation`` once per seed; ``aggregate`` (mean and standard deviation
   of each metric over the seeds), ``beyond_spread`` (which differences exceed the spread) and
-  ``markdown_table_over_seeds`` make its table1_seeds.{json,md}.
+  ``markdown_table_over_seeds`` make its table1_seeds.{json,md} (``write_over_seeds``);
+  ``collect_summaries`` gathers runs made by separate commands into the same form.
 
 How a setting is wired (which maps the head sees, which FPN variant) is up to
 ``minifpn.models.detector.Detector`` and ``minifpn.models.fpn.FPN``.
@@ -214,32 +215,60 @@ def markdown_table_over_seeds(table: dict, base: str = "fpn", metric: str = "AR_
 def run_over_seeds(settings, detector_config, train_config, out_dir: str, eval_scenes: int, seeds,
                    **kwargs) -> dict:
     """``run_ablation`` once per seed in ``seeds`` (weights, scenes and sampling all follow the
-    seed; each seed is evaluated on its own test split), into ``out_dir``/seed<S>/; then write
-    ``out_dir``/table1_seeds.json ({"seeds", "scenes", "runs", "table"}) and table1_seeds.md
-    (``markdown_table_over_seeds``). ``kwargs`` go to ``run_ablation``. Returns {seed: summaries}."""
+    seed; each seed is evaluated on its own test split), into ``out_dir``/seed<S>/; then
+    ``write_over_seeds`` into ``out_dir``. ``kwargs`` go to ``run_ablation``. Returns {seed: summaries}."""
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    log = kwargs.get("log", print)
     runs = {}
     for seed in seeds:
-        kwargs.get("log", print)(f"\n##### seed {seed} #####")
+        log(f"\n##### seed {seed} #####")
         runs[seed] = run_ablation(settings, dataclasses.replace(detector_config, seed=seed),
                                   dataclasses.replace(train_config, seed=seed),
                                   os.path.join(out_dir, f"seed{seed}"), eval_scenes, **kwargs)
-    table = aggregate(runs)
-    with open(os.path.join(out_dir, "table1_seeds.json"), "w") as f:
-        json.dump({"seeds": seeds, "scenes": train_config.scenes, "table": table,
-                   "runs": {str(seed): summaries for seed, summaries in runs.items()}}, f, indent=2)
-    out = os.path.join(out_dir, "table1_seeds.md")
-    with open(out, "w") as f:
-        f.write(f"Table 1 over seeds {', '.join(map(str, seeds))}: {train_config.iterations} iterations "
-                f"of batch {train_config.batch_size} each, scenes {train_config.scenes or 'default'}, "
-                f"test split of each seed ({eval_scenes} scenes). Mean ± sample std over the seeds, in %.\n\n"
-                f"{markdown_table_over_seeds(table)}\n")
-    kwargs.get("log", print)("\n" + markdown_table_over_seeds(table) + f"\n\nwrote {out}")
+    out = write_over_seeds(runs, out_dir, train_config.scenes)
+    log("\n" + markdown_table_over_seeds(aggregate(runs)) + f"\n\nwrote {out}")
     return runs
 
 
+def write_over_seeds(runs: dict, out_dir: str, scenes: dict, name: str = "table1_seeds") -> str:
+    """Write ``out_dir``/``name``.json ({"seeds", "scenes", "table": ``aggregate(runs)``, "runs"})
+    and ``name``.md (a header, then ``markdown_table_over_seeds``); returns the .md path.
+    ``runs``: {seed: summaries}; ``scenes``: the SceneConfig overrides they were trained and
+    tested on ({} for the default scenes)."""
+    table, seeds = aggregate(runs), list(runs)
+    first = next(iter(runs.values()))[0]
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({"seeds": seeds, "scenes": scenes, "table": table,
+                   "runs": {str(seed): summaries for seed, summaries in runs.items()}}, f, indent=2)
+    out = os.path.join(out_dir, f"{name}.md")
+    with open(out, "w") as f:
+        f.write(f"Table 1 over seeds {', '.join(map(str, seeds))}: {first['iterations']} iterations "
+                f"({first['images_seen']} images) each, scenes {scenes or 'default'}, test split of each "
+                f"seed ({first['test_scenes']} scenes). Mean ± sample std over the seeds, in %.\n\n"
+                f"{markdown_table_over_seeds(table)}\n")
+    return out
+
+
+def collect_summaries(paths) -> dict:
+    """Runs made by separate commands, as one ``runs`` for ``aggregate``: ``paths`` of
+    metrics.json files (``train_and_evaluate``'s summaries) -> {seed: [summary, ...]}, seeds in
+    increasing order, settings in the paper's order, keeping only the settings every seed has.
+    The seed is read from each summary's detector_config; two runs of one (seed, setting) are refused."""
+    found = {}
+    for path in paths:
+        with open(path) as f:
+            summary = json.load(f)
+        key = (summary["detector_config"]["seed"], summary["setting"])
+        if key in found:
+            raise ValueError(f"two runs of seed {key[0]}, setting {key[1]}: {found[key][0]} and {path}")
+        found[key] = (path, summary)
+    seeds = sorted({seed for seed, _ in found})
+    common = [name for name in SETTINGS if all((seed, name) in found for seed in seeds)]
+    return {seed: [found[seed, name][1] for name in common] for seed in seeds}
+
+
 __all__ = ["CHOICES", "ITERATIONS", "LETTERS", "PAPER_AR100", "PAPER_AR1K", "PAPER_RPN", "SEED_COLUMNS",
-           "SETTINGS", "Setting", "aggregate", "beyond_spread", "markdown_table", "markdown_table_over_seeds",
-           "resolve", "run_ablation", "run_over_seeds"]
+           "SETTINGS", "Setting", "aggregate", "beyond_spread", "collect_summaries", "markdown_table",
+           "markdown_table_over_seeds", "resolve", "run_ablation", "run_over_seeds", "write_over_seeds"]

@@ -213,7 +213,18 @@ def test_run_over_seeds_runs_each_seed_on_its_own_test_split_and_writes_the_tabl
     assert saved["table"] == json.loads(json.dumps(table1.aggregate(runs)))
     assert list(saved["runs"]) == ["3", "1"]
     text = (tmp_path / "table1_seeds.md").read_text()
-    assert text.startswith("Table 1 over seeds 3, 1: 1 iterations of batch 1 each, scenes {'distractors': 3}")
+    assert text.startswith("Table 1 over seeds 3, 1: 1 iterations (1 images) each, scenes "
+                           "{'distractors': 3}, test split of each seed (2 scenes). Mean ± sample std over "
+                           "the seeds, in %.")
+    # the same runs gathered from their metrics.json files: seeds sorted, settings in the paper's order
+    paths = sorted(str(p) for p in tmp_path.glob("seed*/*/metrics.json"))
+    assert len(paths) == 4
+    saved_runs = json.loads(json.dumps(runs))  # as metrics.json holds them (lists for tuples)
+    assert table1.collect_summaries(paths) == {1: saved_runs["1"], 3: saved_runs["3"]}
+    assert table1.collect_summaries([p for p in paths if "seed1/fpn" not in p]) == {  # fpn not in every seed
+        1: [saved_runs["1"][1]], 3: [saved_runs["3"][1]]}
+    with pytest.raises(ValueError, match="two runs of seed 1, setting fpn"):
+        table1.collect_summaries(paths + [str(tmp_path / "seed1" / "fpn" / "metrics.json")])
     assert logged[0] == "\n##### seed 3 #####" and logged[-1].endswith(f"wrote {tmp_path}/table1_seeds.md")
     with pytest.raises(ValueError, match=r"seeds must be distinct and at least one, got \[1, 1\]"):
         table1.run_over_seeds(["c"], detector_config, train_config, str(tmp_path), 2, [1, 1])
