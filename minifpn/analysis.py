@@ -185,6 +185,20 @@ class ProbeResult:
     buckets: tuple = BUCKETS
     seconds: float = field(default=0.0)
 
+    def to_dict(self) -> dict:
+        """Everything, as JSON types: accuracy as nested lists (NaN as None), and the mean and std
+        per level and bucket."""
+        def number(v):
+            return None if np.isnan(v) else float(v)  # JSON has no NaN
+
+        acc = [[[number(v) for v in seed] for seed in level] for level in self.accuracy]
+        summary = {name: {b: {"mean": number(self.mean(name, b)), "std": number(self.std(name, b))}
+                          for b in self.buckets} for name in self.levels}
+        return {"setting": self.setting, "levels": self.levels, "buckets": list(self.buckets),
+                "accuracy": acc, "summary": summary, "counts": self.counts, "channels": self.channels,
+                "fit_digits": self.fit_digits, "scene_seed": self.scene_seed,
+                "seconds": round(self.seconds, 1)}
+
     def _seeds(self, level: str, bucket: str) -> np.ndarray:
         """The accuracy of each seed whose resample holds a digit of ``bucket``."""
         values = self.accuracy[self.levels.index(level), :, self.buckets.index(bucket)]
@@ -252,6 +266,36 @@ def format_probe_table(results) -> str:
     return "\n".join(lines)
 
 
+def plot_probe(results, sizes=("small", "medium", "large")):
+    """A bar chart by object size: one panel per size, levels 2..5 on the x axis, bars for the
+    first result's C_k and P_k and every other result's P_k, each with its std over seeds as an
+    error bar, and chance (10 %) dotted. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    results = [results] if isinstance(results, ProbeResult) else list(results)
+    series = [(r, kind) for i, r in enumerate(results) for kind in (("C", "P") if i == 0 else ("P",))
+              if f"{kind}2" in r.levels]
+    colours = ["tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:purple"]
+    width = 0.8 / len(series)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.7 * len(sizes), 3.8), sharey=True, squeeze=False)
+    levels = np.arange(2, 6)
+    for ax, size in zip(axes[0], sizes):
+        for j, (r, kind) in enumerate(series):
+            means = [100 * r.mean(f"{kind}{k}", size) for k in levels]
+            stds = [100 * r.std(f"{kind}{k}", size) for k in levels]
+            ax.bar(levels + (j - (len(series) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
+                   color=colours[j % len(colours)], label=f"{r.setting}: {kind}_k")
+        ax.axhline(100 / NUM_DIGITS, color="black", linestyle=":", linewidth=1, label="chance (10 %)")
+        ax.set_xticks(levels, [f"level {k}" for k in levels])
+        ax.set_title(f"{size} digits ({results[0].counts[size]} scored)", fontsize=10)
+    axes[0][0].set_ylabel("probe accuracy, % (± std over seeds)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Which levels name the digit? A linear probe on each level's features pooled in its box",
+                 fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
 __all__ = ["BUCKETS", "DigitFeatures", "L2", "NUM_DIGITS", "ProbeResult", "STEPS", "SoftmaxProbe",
            "box_cells", "digit_features", "fit_softmax", "format_probe_table", "level_maps",
-           "pool_box", "probe_levels"]
+           "plot_probe", "pool_box", "probe_levels"]

@@ -203,6 +203,8 @@ def _validate_options(args, error) -> None:
 
 def _validate_paths(args, error) -> None:
     """The checkpoint to read, the folder to write to, the run to resume."""
+    if getattr(args, "out", None) and args.job == "probe" and _unwritable(args.out):
+        error(f"--out {args.out}: cannot write the probe's files: {_unwritable(args.out)}")
     if args.job == "probe" and args.checkpoint == REFERENCE:
         from .weights import FOLDER, INFO_FILE
         if not os.path.exists(os.path.join(FOLDER, INFO_FILE)):
@@ -418,8 +420,28 @@ def cmd_probe(args) -> int:
           f"{args.scenes} test scenes (scene seed {results[0].scene_seed}; count in each heading); "
           f"accuracy in %, mean ± std over {args.seeds} bootstrap resamples:\n")
     print(format_probe_table(results))
-    print(f"\nin {time.perf_counter() - start:.0f} s")
+    seconds = time.perf_counter() - start
+    print(f"\nin {seconds:.0f} s")
+    if args.out:
+        _write_probe(args, results, seconds)
     return 0
+
+
+def _write_probe(args, results, seconds) -> None:
+    """OUT/probe.json (every accuracy, the command, the run time) and OUT/probe.png (by size)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .analysis import plot_probe
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "probe.json"), "w") as f:
+        json.dump({"command": _command(args.argv), "seconds": round(seconds, 1),
+                   "results": [r.to_dict() for r in results]}, f, indent=1)
+    plot_probe(results).savefig(os.path.join(args.out, "probe.png"), dpi=90)
+    plt.close("all")
+    print(f"wrote {args.out}/: probe.json, probe.png")
 
 
 def cmd_ablation(args) -> int:
@@ -626,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="val scenes to fit on, and as many test scenes to score on")
     p.add_argument("--seeds", type=positive_int, default=3, help="probe seeds: bootstrap resamples")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend")
+    p.add_argument("--out", default=None, metavar="FOLDER",
+                   help="also write FOLDER/probe.json and FOLDER/probe.png (default: print only)")
     p.set_defaults(run=cmd_probe)
     return parser
 

@@ -1,4 +1,6 @@
 """minifpn.analysis: the per-level linear probe of digit identity (pooling, the classifier, the result)."""
+import json
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ from minifpn.analysis import (
     fit_softmax,
     format_probe_table,
     level_maps,
+    plot_probe,
     pool_box,
     probe_levels,
 )
@@ -179,12 +182,34 @@ def test_cli_probe_prints_the_table_of_a_checkpoint(tmp_path, capsys):
     path = tmp_path / "checkpoint.npz"
     save_checkpoint(path, detector, SGD(detector.named_parameters(), lr=0.1),
                     {"detector_config": detector.config.to_dict(), "iteration": 0})
-    assert main(["probe", str(path), "--scenes", "2", "--seeds", "2"]) == 0
+    assert main(["probe", str(path), "--scenes", "2", "--seeds", "2", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "softmax regression (1000 gradient-descent steps, L2 0.01)" in out
     assert "mean ± std over 2 bootstrap resamples" in out and "(scene seed 0;" in out
     rows = [line for line in out.splitlines() if line.startswith("| bottom_up |")]
     assert [row.split("|")[2].strip() for row in rows] == LEVELS
+    saved = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert saved["command"] == f"minifpn probe {path} --scenes 2 --seeds 2 --out {tmp_path / 'out'}"
+    (result,) = saved["results"]
+    assert result["setting"] == "bottom_up" and result["levels"] == LEVELS and result["scene_seed"] == 0
+    assert np.array(result["accuracy"], dtype=float).shape == (8, 2, 4)
+    assert (tmp_path / "out" / "probe.png").stat().st_size > 10_000
+
+
+def test_plot_probe_draws_c_and_p_of_the_first_detector_and_p_of_the_others(tiny):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpn = probe_levels(tiny, scenes=2, seeds=1, steps=5)
+    bottom_up = probe_levels(Detector(setting="bottom_up", **TINY), scenes=2, seeds=1, steps=5)
+    fig = plot_probe([fpn, bottom_up])
+    titles = [ax.get_title().split(" (")[0] for ax in fig.axes]
+    assert titles == ["small digits", "medium digits", "large digits"]
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["chance (10 %)", "fpn: C_k", "fpn: P_k", "bottom_up: P_k"]
+    assert len(fig.axes[0].patches) == 3 * 4  # three series, levels 2..5
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -192,10 +217,13 @@ def test_cli_probe_prints_the_table_of_a_checkpoint(tmp_path, capsys):
     (["probe", "x.npz", "--seeds", "0"], "minifpn probe: error: --seeds must be a positive integer, got 0"),
     (["probe", "x.npz", "--scenes", "many"],
      "minifpn probe: error: --scenes must be a positive integer, got many"),
+    (["probe", "x.npz", "--out", "tests/test_analysis.py/out"],
+     "minifpn probe: error: --out tests/test_analysis.py/out: cannot write the probe's files: "),
 ])
 def test_cli_probe_refuses_bad_options_in_one_line(argv, message, capsys):
     from minifpn.cli import main
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [message]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message)
