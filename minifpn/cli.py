@@ -325,7 +325,7 @@ def _train_and_report(args, run_dir: str) -> dict:
         progress=not args.quiet, time_limit=args.time_limit or None,
         allow_changes=getattr(args, "allow_changes", False))
     _print_summary(summary)
-    _write_figures(detector, history, detections, truths, run_dir)
+    _write_figures(detector, history, detections, truths, run_dir, _train_config(args))
     print(f"\nwrote {run_dir}/: metrics.json, checkpoint.npz, loss_curve.png, detections.png, pyramid.png")
     return summary
 
@@ -344,7 +344,7 @@ def _report_early_stop(args, summary: dict) -> None:
         print("\n" + stopped_early_message(args, summary["iterations"]))
 
 
-def _write_figures(detector, history, detections, truths, run_dir):
+def _write_figures(detector, history, detections, truths, run_dir, train_config):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -354,7 +354,9 @@ def _write_figures(detector, history, detections, truths, run_dir):
     from .viz import plot_detections, plot_loss_curve, plot_pyramid
 
     plot_loss_curve(history).savefig(os.path.join(run_dir, "loss_curve.png"), dpi=100)
-    scenes = DigitScenes("test", n=len(detections))
+    # the test scenes train_and_evaluate scored: the run's seed and scene options
+    scenes = DigitScenes("test", n=len(detections), seed=train_config.seed,
+                         config=train_config.scene_config())
     shown = min(12, len(detections))
     images = [scenes[i][0] for i in range(shown)]
     plot_detections(images, detections[:shown], truths[:shown]).savefig(
@@ -385,11 +387,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .data import SceneConfig
     from .detection.metrics import format_metrics
     from .train import detector_from_checkpoint, evaluate_detector
 
     detector, ckpt = detector_from_checkpoint(args.checkpoint, args.backend)
-    metrics, _, _ = evaluate_detector(detector, args.split, args.scenes)
+    # the split of the run's own seed, drawn as its training scenes were (distractors included)
+    trained = ckpt["meta"].get("train_config", {})
+    metrics, _, _ = evaluate_detector(detector, args.split, args.scenes, seed=trained.get("seed", 0),
+                                      scene_config=SceneConfig(**trained.get("scenes", {})))
     print(f"{args.checkpoint}: setting {detector.config.setting}, trained "
           f"{ckpt['meta']['iteration']} iterations; {args.split} split, {args.scenes} scenes:")
     print(format_metrics(metrics))

@@ -105,3 +105,18 @@ def test_bad_distractor_options_are_refused(kwargs, words):
     with pytest.raises(ValueError) as e:
         SceneConfig(**kwargs)
     assert words in str(e.value)
+
+
+def test_train_and_evaluate_from_the_command_line_use_the_runs_seed_and_distractors(tmp_path, capsys):
+    # `minifpn evaluate` scores a checkpoint on the scenes its run was tested on: same seed, same clutter
+    import json
+
+    from minifpn.cli import main
+    tiny = ["--widths", "4,8,8,16", "--channels", "8", "--iterations", "2", "--batch-size", "2",
+            "--eval-scenes", "4", "--quiet", "--checkpoint-every", "2"]
+    argv = ["train", *tiny, "--seed", "2", "--distractors", "6", "--runs", str(tmp_path), "--name", "t"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "t" / "checkpoint.npz"), "--scenes", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary["metrics"]
