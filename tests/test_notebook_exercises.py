@@ -14,6 +14,7 @@ import pytest
 
 import minifpn.functional as F
 from minifpn.detection import box_iou, match_anchors
+from minifpn.models import FPN
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SETUP_LINE = "USE_SOLUTIONS = True  # False: grade your own code below"
@@ -26,6 +27,15 @@ def _tiny_anchor_case():
     return anchors, boxes, 0.7, 0.3
 
 
+def _tiny_pyramid_case():
+    # C2..C5 of a 20x20 image (5, 3, 2, 1: ceil halving, so 3 -> 5 is not 2x), an FPN with d = 2
+    rng = np.random.default_rng(0)
+    sizes = zip([2, 3, 4, 5], [5, 3, 2, 1])
+    features = [rng.standard_normal((1, c, s, s)).astype(np.float32) for c, s in sizes]
+    fpn = FPN([2, 3, 4, 5], 2, seed=0)
+    return fpn, features, fpn(features)[:4]  # the library's P2..P5
+
+
 # notebook -> {exercise function: tiny arguments to call it with}
 EXERCISES = {
     "01_convolution_and_im2col.ipynb": {
@@ -35,6 +45,9 @@ EXERCISES = {
     "02_backprop_and_gradient_checks.ipynb": {
         "my_max_pool2d_backward": lambda: (np.ones((1, 1, 2, 2)), np.arange(16.0).reshape(1, 1, 4, 4), 2, 2),
         "my_upsample_nearest_backward": lambda: (np.ones((1, 1, 4, 4)), (2, 2)),
+    },
+    "04_top_down_pathway.ipynb": {
+        "my_top_down": lambda: _tiny_pyramid_case()[:2],
     },
     "05_anchors_and_matching.ipynb": {
         "my_match_anchors": _tiny_anchor_case,
@@ -141,3 +154,13 @@ def test_tiny_solutions_give_the_library_values():
     expected = match_anchors(anchors, boxes, pos, neg)
     for got, want in zip(solved["my_match_anchors"](anchors, boxes, pos, neg), expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_top_down_solution_gives_the_library_values():
+    solved = namespace(USE_SOLUTIONS=True)
+    exec(source(exercise_cells("04_top_down_pathway.ipynb")["my_top_down"][1]), solved)
+    fpn, features, expected = _tiny_pyramid_case()
+    got = solved["my_top_down"](fpn, features)
+    assert [p.shape for p in got] == [p.shape for p in expected] == [(1, 2, s, s) for s in (5, 3, 2, 1)]
+    for mine, want in zip(got, expected):
+        np.testing.assert_allclose(mine, want, rtol=1e-6, atol=1e-6)  # the same float32 ops
