@@ -69,8 +69,7 @@ def test_load_reference_names_the_detectors_it_has():
 
 
 def test_reference_job_writes_weights_that_load_and_reproduce_their_metrics(tmp_path, capsys):
-    out = tmp_path / "weights"
-    out.mkdir()
+    out = tmp_path / "new" / "weights"  # made by the job
     assert main(["reference", "--iterations", "1", "--eval-scenes", "3", "--out", str(out),
                  "--runs", str(tmp_path / "runs"), "--quiet"]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -82,3 +81,12 @@ def test_reference_job_writes_weights_that_load_and_reproduce_their_metrics(tmp_
         detector = weights.load_reference(name, folder=str(out))
         metrics, _, _ = evaluate_detector(detector, "test", 3)
         assert metrics == info["detectors"][name]["metrics"] == info["detectors"][name]["quick_metrics"]
+
+
+def test_reference_job_refuses_an_out_folder_it_cannot_write_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["reference", "--out", str(blocker / "weights"), "--runs", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip() == (f"minifpn reference: error: --out {blocker / 'weights'}: "
+                                               f"{blocker} is a file, not a folder")
+    assert not (tmp_path / "runs").exists()  # nothing trained

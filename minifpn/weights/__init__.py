@@ -74,6 +74,7 @@ def make_reference(seed: int = 0, iterations: int = 1600, batch_size: int = 8,
     random draw comes from its own seeded generator). Returns the dict written to reference.json."""
     from ..train import TrainConfig
 
+    os.makedirs(folder, exist_ok=True)  # before training: a folder that cannot be made fails now
     train_config = TrainConfig(iterations=iterations, batch_size=batch_size, seed=seed)
     info = {"seed": seed, "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "iterations": iterations, "batch_size": batch_size, "scenes": "plain (DigitScenes defaults)",
