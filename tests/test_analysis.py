@@ -117,6 +117,22 @@ def test_fit_softmax_cannot_name_classes_that_the_features_do_not_carry():
     assert (fit_softmax(X, y).predict(X_new) == y_new).mean() < 0.15
 
 
+def test_fit_softmax_steps_never_raise_the_loss():
+    """Step 1 / L with L a bound on the curvature: the regularised loss falls at every step."""
+    rng = np.random.default_rng(3)
+    X, y = rng.normal(size=(60, 5)) @ rng.normal(size=(5, 5)), rng.integers(0, 10, 60)  # correlated
+
+    def loss(probe):
+        logits = ((X - probe.mean) / probe.std) @ probe.W + probe.b
+        logits -= logits.max(axis=1, keepdims=True)
+        ce = np.mean(np.log(np.exp(logits).sum(axis=1)) - logits[np.arange(len(y)), y])
+        return ce + 0.01 / 2 * np.sum(probe.W ** 2)
+
+    losses = [loss(fit_softmax(X, y, steps=k, l2=0.01)) for k in range(0, 40)]
+    assert losses[0] == pytest.approx(np.log(10))  # W = 0, b = 0: every class at 1/10
+    assert np.all(np.diff(losses) < 0), np.diff(losses).max()
+
+
 def test_fit_softmax_is_deterministic_and_tolerates_a_constant_feature():
     rng = np.random.default_rng(2)
     X, y = rng.normal(size=(50, 6)), rng.integers(0, 10, 50)
