@@ -362,13 +362,21 @@ def _write_figures(detector, history, detections, truths, run_dir, train_config)
     plot_detections(images, detections[:shown], truths[:shown]).savefig(
         os.path.join(run_dir, "detections.png"), dpi=100)
     if hasattr(detector, "fpn"):
+        i = _scene_of_several_sizes(truths)
         detector.fpn.trace = True
         detector.eval()
-        detector.features(to_device(images[0][None], detector.backend))
-        plot_pyramid(detector.fpn.maps, title="pyramid maps of test scene 0").savefig(
-            os.path.join(run_dir, "pyramid.png"), dpi=90)
+        detector.features(to_device(scenes[i][0][None], detector.backend))
+        plot_pyramid(detector.fpn.maps, title=f"pyramid maps of test scene {i}", image=scenes[i][0],
+                     boxes=truths[i]["boxes"]).savefig(os.path.join(run_dir, "pyramid.png"), dpi=90)
         detector.fpn.trace = False
     plt.close("all")
+
+
+def _scene_of_several_sizes(truths) -> int:
+    """The first scored scene with the most object sizes (small, medium, large) among its digits."""
+    from .data import size_bucket
+    kinds = [len(set(size_bucket(t["boxes"]).tolist())) if len(t["boxes"]) else 0 for t in truths]
+    return kinds.index(max(kinds))
 
 
 def cmd_demo(args) -> int:

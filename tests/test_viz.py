@@ -129,3 +129,14 @@ def test_plot_pyramid_marks_the_maps_no_gradient_reaches(rng):
     assert [t.get_text() for t in panels[2, 0].texts] == ["C4 (8, 4, 4)"]
     assert [t.get_text() for t in panels[2, 4].texts] == ["P4 (5, 4, 4)"]
     matplotlib.pyplot.close("all")
+
+
+def test_the_demo_draws_the_pyramid_of_a_scene_with_several_digit_sizes():
+    from minifpn.cli import _scene_of_several_sizes
+    small, medium, large = [0, 0, 10, 10], [0, 0, 30, 30], [0, 0, 60, 60]
+    truths = [{"boxes": np.array([small, small], np.float32)},
+              {"boxes": np.zeros((0, 4), np.float32)},
+              {"boxes": np.array([small, large], np.float32)},
+              {"boxes": np.array([small, medium, large], np.float32)},
+              {"boxes": np.array([large, medium, small], np.float32)}]
+    assert _scene_of_several_sizes(truths) == 3  # the first with all three sizes
