@@ -554,20 +554,7 @@ def _training_options(p, iterations, time_limit=0, name=None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="minifpn", allow_abbrev=False,  # whole option names, so a run's command can be rebuilt
-        description="Feature Pyramid Networks from scratch in NumPy: every backward by hand.")
-    jobs = parser.add_subparsers(dest="job", metavar="JOB")
-    jobs.required = True
-    parser.jobs = {}
-
-    def job(name, **kwargs):
-        p = jobs.add_parser(name, allow_abbrev=False,
-                            formatter_class=_HelpFormatter, **kwargs)
-        parser.jobs[name] = p
-        return p
-
+def _demo_job(job) -> None:
     p = job("demo", help="train the FPN detector on digit scenes and report AP/AR (about 5 minutes)",
             description="Train the FPN detector (ResNet 16/32/64/128 + FPN d=64 + shared head) for "
                         f"{DEMO_ITERATIONS} steps on freshly drawn scenes of real handwritten digits at "
@@ -579,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     _training_options(p, DEMO_ITERATIONS, DEMO_TIME_LIMIT, "demo")
     p.set_defaults(run=cmd_demo)
 
+
+def _train_job(job) -> None:
     p = job("train", help="train one detector setting (every option has a flag)",
             description="Train a detector of one Table 1 setting and evaluate it on the test split. "
                         "Checkpoints go to RUNS/NAME/checkpoint.npz every --checkpoint-every steps; "
@@ -591,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(schedule); the change is recorded in the checkpoint's history")
     p.set_defaults(run=cmd_train)
 
+
+def _evaluate_job(job) -> None:
     p = job("evaluate", help="evaluate a checkpoint: COCO-style AP/AR by object size",
             description="Load a checkpoint written by train or demo, rebuild its detector from the "
                         "configuration saved inside it, and print AP@[.5:.95], AP50, AP75 and AR, "
@@ -602,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.set_defaults(run=cmd_evaluate)
 
+
+def _ablation_job(job) -> None:
     p = job("ablation", help="train the six Table 1 settings at one budget and compare",
             description="Train each Table 1 setting, "
                         + ", ".join(f"({s.letter}) {s.name}" for s in table1.SETTINGS.values())
@@ -620,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "differences exceed the spread (default: none, one run with --seed)")
     p.set_defaults(run=cmd_ablation)
 
+
+def _reference_job(job) -> None:
     p = job("reference", help="train the shipped reference pair: FPN (c) and bottom-up pyramid (d)",
             description="Train setting (c) fpn and setting (d) bottom_up from one seed with the demo's "
                         "recipe and budget, evaluate each on the test split, and write their weights "
@@ -639,6 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_reference, backend="numpy")
 
+
+def _gradcheck_job(job) -> None:
     p = job("gradcheck", help="gradient-check every op and layer and print a table",
             description="Check every hand-written backward pass (conv2d, max_pool2d, "
                         "upsample_nearest, batch_norm, relu, add and the layers built on them) "
@@ -649,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for inputs and upstream gradients")
     p.set_defaults(run=cmd_gradcheck)
 
+
+def _probe_job(job) -> None:
     p = job("probe", help="how well each pyramid level names the digit: a linear probe per level",
             description="Pool each level's features (C2..C5, and P2..P5 where there is a pyramid) inside "
                         "every labelled digit's box, fit a linear classifier of the digit (0-9) on the "
@@ -665,6 +664,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FOLDER",
                    help="also write FOLDER/probe.json and FOLDER/probe.png (default: print only)")
     p.set_defaults(run=cmd_probe)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="minifpn", allow_abbrev=False,  # whole option names, so a run's command can be rebuilt
+        description="Feature Pyramid Networks from scratch in NumPy: every backward by hand.")
+    jobs = parser.add_subparsers(dest="job", metavar="JOB")
+    jobs.required = True
+    parser.jobs = {}
+
+    def job(name, **kwargs):
+        p = jobs.add_parser(name, allow_abbrev=False,
+                            formatter_class=_HelpFormatter, **kwargs)
+        parser.jobs[name] = p
+        return p
+
+    for add_job in (_demo_job, _train_job, _evaluate_job, _ablation_job, _reference_job,
+                    _gradcheck_job, _probe_job):  # in the order of `minifpn --help`
+        add_job(job)
     return parser
 
 
