@@ -508,6 +508,11 @@ def cmd_reference(args) -> int:
 
 # ---- the parser ------------------------------------------------------------------------------
 
+def _backend_option(p) -> None:
+    from .backend import BACKENDS
+    p.add_argument("--backend", default="numpy", choices=list(BACKENDS), help="array backend")
+
+
 def _training_options(p, iterations, time_limit=0, name=None):
     from . import train as train_module
     train = train_module.TrainConfig()
@@ -550,7 +555,7 @@ def _training_options(p, iterations, time_limit=0, name=None):
     p.add_argument("--runs", default="runs", help="folder for run outputs")
     p.add_argument("--name", default=name, help="run name: outputs go to RUNS/NAME/"
                    + ("" if name is not None else " (default: the setting's name)"))
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend")
+    _backend_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -589,7 +594,7 @@ def _evaluate_job(job) -> None:
     p.add_argument("checkpoint", help="path to checkpoint.npz")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="scene split")
     p.add_argument("--scenes", type=positive_int, default=EVAL_SCENES, help="number of scenes")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend")
+    _backend_option(p)
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.set_defaults(run=cmd_evaluate)
 
@@ -621,10 +626,12 @@ def _reference_job(job) -> None:
                         "(fpn.npz, bottom_up.npz) and reference.json (configs, seed, metrics, command, "
                         "run time, date) to --out, by default the package's minifpn/weights/ folder, "
                         "which the notebooks load with minifpn.weights.load_reference.")
+    from .train import TrainConfig
     from .weights import FOLDER as WEIGHTS_FOLDER
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for weights, scenes and sampling")
     p.add_argument("--iterations", type=positive_int, default=DEMO_ITERATIONS, help="training steps, each")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="scenes per step")
+    p.add_argument("--batch-size", type=positive_int, default=TrainConfig().batch_size,
+                   help="scenes per step")
     p.add_argument("--eval-scenes", type=positive_int, default=EVAL_SCENES, help="test scenes to evaluate on")
     p.add_argument("--out", default=WEIGHTS_FOLDER, help="folder for the weights and reference.json")
     p.add_argument("--runs", default="runs", help="folder for the training checkpoints (RUNS/NAME/SETTING)")
@@ -642,7 +649,7 @@ def _gradcheck_job(job) -> None:
                         "against central-difference numerical gradients in float64, and print "
                         "one line per check: op, shape, max relative error, pass/fail. "
                         "Exits with status 1 if any check fails.")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend to run on")
+    _backend_option(p)
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for inputs and upstream gradients")
     p.set_defaults(run=cmd_gradcheck)
 
@@ -660,7 +667,7 @@ def _probe_job(job) -> None:
     p.add_argument("--scenes", type=positive_int, default=150,
                    help="val scenes to fit on, and as many test scenes to score on")
     p.add_argument("--seeds", type=positive_int, default=3, help="probe seeds: bootstrap resamples")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend")
+    _backend_option(p)
     p.add_argument("--out", default=None, metavar="FOLDER",
                    help="also write FOLDER/probe.json and FOLDER/probe.png (default: print only)")
     p.set_defaults(run=cmd_probe)
