@@ -39,20 +39,22 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
     OH = conv_output_size(H, KH, SH, PH)
     OW = conv_output_size(W, KW, SW, PW)
     x_padded = pad2d(x, (PH, PW), value=-xp.inf)
-    # 1 on the image, 0 on the padding: PyTorch starts each window at its first real entry
-    real = pad2d(xp.ones((1, 1, H, W), dtype=x.dtype), (PH, PW), value=0.0) > 0
+    padded = PH > 0 or PW > 0
+    # with padding: True on the image, False on the border (PyTorch starts at a real entry)
+    real = pad2d(xp.ones((1, 1, H, W), dtype=x.dtype), (PH, PW), value=0.0) > 0 if padded else None
     out = out_real = None
     argmax = xp.zeros((N, C, OH, OW), dtype=xp.int32)  # which kernel offset won, as i*KW + j
     for i in range(KH):
         for j in range(KW):
             rows, cols = _window(i, SH, OH), _window(j, SW, OW)
-            window, window_real = x_padded[:, :, rows, cols], real[:, :, rows, cols]
+            window = x_padded[:, :, rows, cols]
+            window_real = real[:, :, rows, cols] if padded else None
             if out is None:
                 out, out_real = window.copy(), window_real
                 continue
             # strict > keeps a tie at the earlier offset; a NaN always takes over (PyTorch's rule)
             better = (window > out) | xp.isnan(window)
-            if PH or PW:  # a real entry (even -inf) replaces a padded one
+            if padded:  # a real entry (even -inf) replaces a padded one
                 better |= window_real & ~out_real
                 out_real = out_real | window_real
             out = xp.where(better, window, out)

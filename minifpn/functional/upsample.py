@@ -9,6 +9,7 @@ as 2 -> 164; every FPN size, out = 2*in, 2*in - 1 or 2*in + 1, agrees in both; d
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 from ..backend import get_array_module
@@ -67,7 +68,7 @@ def _sum_runs(g, table, in_size: int, axis: int):
     counts = [0] * in_size  # run length of each input index
     for src in table:
         counts[src] += 1
-    starts = [sum(counts[:i]) for i in range(in_size)]
+    starts = list(itertools.accumulate(counts, initial=0))[:-1]  # where each run begins
     shape = [1] * g.ndim
     shape[axis] = in_size
     total = None
