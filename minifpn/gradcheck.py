@@ -258,6 +258,9 @@ def _layer_checks(randn, distinct, rng, backend, seed):
             module.weight.data[...] = randn(module.num_features)
             module.bias.data[...] = randn(module.num_features)
         results.append(check_module(name, shape, module, x, seed=seed))
+    # Linear draws after every layer above, so their rows of the table stay as they were
+    linear = nn.Linear(6, 4, rng=rng).to(backend, dtype=np.float64)
+    results.append(check_module("Linear", "(5, 6) -> (5, 4)", linear, randn(5, 6), seed=seed))
     return results
 
 

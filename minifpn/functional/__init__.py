@@ -4,6 +4,7 @@ state, and no backward changes ``dout`` in place."""
 from .batch_norm import batch_norm, batch_norm_backward
 from .conv import col2im, conv2d, conv2d_backward, conv2d_simple, conv_output_size, im2col
 from .elementwise import add, add_backward, relu, relu_backward
+from .linear import linear, linear_backward
 from .losses import (
                      binary_cross_entropy_with_logits,
                      binary_cross_entropy_with_logits_backward,
@@ -20,7 +21,8 @@ __all__ = [
     "binary_cross_entropy_with_logits_backward", "smooth_l1", "smooth_l1_backward",
     "softmax_cross_entropy", "softmax_cross_entropy_backward", "batch_norm", "batch_norm_backward",
     "col2im", "conv2d",
-    "conv2d_backward", "conv2d_simple", "conv_output_size", "im2col", "max_pool2d",
+    "conv2d_backward", "conv2d_simple", "conv_output_size", "im2col", "linear", "linear_backward",
+    "max_pool2d",
     "max_pool2d_backward", "nearest_source_index", "relu", "relu_backward",
     "upsample_nearest", "upsample_nearest_backward",
 ]

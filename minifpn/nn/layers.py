@@ -49,6 +49,46 @@ class Conv2d(Module):
                 f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
 
 
+class Linear(Module):
+    """Fully connected layer. x: (K, in_features) -> (K, out_features), as ``torch.nn.Linear``.
+
+    weight: (out_features, in_features), kaiming-uniform with a = sqrt(5), i.e.
+    U(-1/sqrt(in_features), 1/sqrt(in_features)); bias: (out_features,), the same U: PyTorch's
+    default ``reset_parameters``, so a fresh layer is distributed as torch's.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, dtype=DEFAULT_DTYPE, rng=None):
+        super().__init__()
+        in_features = integer(in_features, "in_features", "Linear", 1)
+        out_features = integer(out_features, "out_features", "Linear", 1)
+        self.in_features, self.out_features = in_features, out_features
+        rng = default_rng() if rng is None else rng
+        xp = get_backend("numpy")
+        self.weight = Parameter(xp.zeros((out_features, in_features), dtype=dtype))
+        init.kaiming_uniform_(self.weight, a=5 ** 0.5, rng=rng)  # gain sqrt(1/3): bound 1/sqrt(IN)
+        self.bias = None
+        if bias:
+            bound = 1 / in_features ** 0.5  # torch: 1/sqrt(fan_in), fan_in of the weight
+            self.bias = Parameter(rng.uniform(-bound, bound, size=(out_features,)).astype(dtype))
+        self.cache = None
+
+    def forward(self, x):
+        bias = self.bias.data if self.bias is not None else None
+        out, self.cache = F.linear(x, self.weight.data, bias)
+        return out
+
+    def backward(self, dout):
+        dx, dweight, dbias = F.linear_backward(dout, self._need_cache(self.cache))
+        self.weight.grad += dweight
+        if self.bias is not None:
+            self.bias.grad += dbias
+        return dx
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
 class BatchNorm2d(Module):
     """Batch normalization per channel. x: (N, num_features, H, W) -> same shape.
 
