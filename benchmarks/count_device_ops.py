@@ -13,17 +13,15 @@ import argparse
 import collections
 import pathlib
 import sys
+import tempfile
 import traceback
-
-import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 import strict_cupy  # noqa: E402
 
-from minifpn.backend import to_device, use_cupy_module  # noqa: E402
-from minifpn.data import DigitScenes  # noqa: E402
+from minifpn.backend import use_cupy_module  # noqa: E402
 from minifpn.models.detector import Detector, DetectorConfig  # noqa: E402
-from minifpn.optim import SGD  # noqa: E402
+from minifpn.train import TrainConfig, _Run, weight_norms  # noqa: E402
 
 
 def where_counter():
@@ -41,6 +39,17 @@ def where_counter():
     return tally
 
 
+def _phase_counter(counts: collections.Counter, phase: str, fn):
+    """Wrap ``fn`` so that the operations it makes are tallied under ``phase``."""
+    def wrapped(*args, **kwargs):
+        before = strict_cupy.launch_count()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            counts[phase] += strict_cupy.launch_count() - before
+    return wrapped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
@@ -49,25 +58,26 @@ def main() -> None:
     use_cupy_module(strict_cupy)
     tally = where_counter() if args.by_function else None
     det = Detector(DetectorConfig()).to("cupy")
-    optimizer = SGD(det.named_parameters(), 0.01)
-    scenes = DigitScenes("train", n=8 * args.steps)
-    rng = np.random.default_rng(0)
-    for step in range(args.steps):
-        images, boxes, labels = scenes.batch(range(8 * step, 8 * step + 8))
-        if tally is not None:
-            tally.clear()
-        strict_cupy.reset_launch_count()
-        strict_cupy.reset_sync_count()
-        det.loss(to_device(images, "cupy"), boxes, labels, rng)
-        forward = strict_cupy.launch_count()
-        optimizer.zero_grad()
-        det.backward()
-        backward = strict_cupy.launch_count() - forward
-        optimizer.step()
-        total = strict_cupy.launch_count()
-        print(f"step {step}: forward + loss {forward}, backward {backward}, "
-              f"zero_grad + SGD {total - forward - backward}; {total} operations, "
-              f"{strict_cupy.sync_count()} synchronisations")
+    with tempfile.TemporaryDirectory() as run_dir:
+        run = _Run(det, TrainConfig(batch_size=8, iterations=100), run_dir, log=lambda _: None)
+        run.norm = weight_norms(det)[0]  # as `train` sets it before the first step
+        phases = collections.Counter()
+        det.loss = _phase_counter(phases, "forward + loss", det.loss)
+        det.backward = _phase_counter(phases, "backward", det.backward)
+        for name in ("zero_grad", "step"):
+            setattr(run.optimizer, name, _phase_counter(phases, "zero_grad + SGD",
+                                                        getattr(run.optimizer, name)))
+        for step in range(args.steps):
+            if tally is not None:
+                tally.clear()
+            phases.clear()
+            strict_cupy.reset_launch_count()
+            strict_cupy.reset_sync_count()
+            run.step(step)  # what `train` runs per step: loss, backward, SGD and the checks
+            total = strict_cupy.launch_count()
+            phases["checks and bookkeeping"] = total - sum(phases.values())
+            print(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in phases.items())
+                  + f"; {total} operations, {strict_cupy.sync_count()} synchronisations")
     if tally is not None:
         for name, n in tally.most_common(15):
             print(f"{n:6d}  {name}")

@@ -187,11 +187,18 @@ def weight_norms(detector: Detector) -> tuple[float, float]:
     params = [p.data for p in detector.parameters()]
     xp = get_array_module(params[0])
     buffers = [b for _, b in detector.named_buffers() if b.dtype.kind == "f"]
-    sums = [sum((a64 * a64).sum() for a64 in (a.astype(xp.float64) for a in group))
-            for group in (params, buffers)]
-    sums = [s if hasattr(s, "shape") else xp.zeros((), xp.float64) + s for s in sums]  # no buffers
+    sums = [_sum_of_squares(xp, group) for group in (params, buffers)]
     host = to_numpy(xp.stack(sums))  # the one synchronisation of the check
     return math.sqrt(float(host[0])), math.sqrt(float(host[1]))
+
+
+def _sum_of_squares(xp, arrays):
+    """Sum of the squares of every entry of ``arrays``, in float64, as a 0-d device array: one
+    concatenation and three whole-model operations, however many arrays there are."""
+    if not arrays:
+        return xp.zeros((), xp.float64)
+    flat = xp.concatenate([a.ravel() for a in arrays]).astype(xp.float64)
+    return (flat * flat).sum()
 
 
 def _fmt(v) -> str:
@@ -367,7 +374,7 @@ class _Run:
     def _remember_step(self) -> None:
         """Keep what a Ctrl-C in the middle of the next step rolls back to."""
         self.rng_state = self.rng.bit_generator.state
-        self.stats = {k: b.copy() for k, b in self.detector.named_buffers()}
+        self.stats = _snapshot(dict(self.detector.named_buffers()))
 
     def keep_last_step(self) -> int:
         """After Ctrl-C: checkpoint the last completed step; returns the step on disk."""
@@ -379,10 +386,32 @@ class _Run:
                 del values[keep:]
             self.images_seen = self.history["images_seen"][-1] if self.history["images_seen"] else 0
             self.rng.bit_generator.state = self.rng_state
-            self.detector.load_state_dict({k: to_numpy(b) for k, b in self.stats.items()},
-                                          strict=False)
+            self.detector.load_state_dict(_restore(self.stats), strict=False)
             self.saved = self.checkpoint(self.done)
         return self.saved
+
+
+def _snapshot(arrays: dict):
+    """A copy of named device arrays in one concatenation per dtype (a handful of device
+    operations, not one per array); ``_restore`` gives them back as host arrays by name."""
+    groups = {}
+    for name, a in arrays.items():
+        groups.setdefault(a.dtype.str, []).append((name, a.shape))
+    flats = {dtype: get_array_module(*arrays.values()).concatenate(
+        [arrays[name].ravel() for name, _ in members]) for dtype, members in groups.items()}
+    return groups, flats
+
+
+def _restore(snapshot) -> dict:
+    groups, flats = snapshot
+    out = {}
+    for dtype, members in groups.items():
+        host, start = to_numpy(flats[dtype]), 0
+        for name, shape in members:
+            size = int(np.prod(shape))
+            out[name] = host[start:start + size].reshape(shape)
+            start += size
+    return out
 
 
 def evaluate_detector(detector: Detector, split: str = "test", n: int = 300, batch_size: int = 16,

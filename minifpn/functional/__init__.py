@@ -2,7 +2,15 @@
 ``(dout, cache)`` and returns the gradient of every input and parameter. Nothing here keeps
 state, and no backward changes ``dout`` in place."""
 from .batch_norm import batch_norm, batch_norm_backward
-from .conv import col2im, conv2d, conv2d_backward, conv2d_simple, conv_output_size, im2col
+from .conv import (
+                   col2im,
+                   conv2d,
+                   conv2d_backward,
+                   conv2d_simple,
+                   conv_output_size,
+                   im2col,
+                   im2col_strided,
+)
 from .elementwise import add, add_backward, relu, relu_backward
 from .linear import linear, linear_backward
 from .losses import (

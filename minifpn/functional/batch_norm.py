@@ -38,17 +38,20 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training: bool,
             raise ValueError(f"batch_norm: training needs more than one value per channel, "
                              f"got input of shape {x.shape}")
         mean = x.mean(axis=(0, 2, 3))
-        var = ((x - mean.reshape(1, C, 1, 1)) ** 2).mean(axis=(0, 2, 3))
+        centered = x - mean.reshape(1, C, 1, 1)
+        var = (centered * centered).mean(axis=(0, 2, 3))
         if running_mean is not None:
             running_mean *= 1 - momentum
             running_mean += momentum * mean
             running_var *= 1 - momentum
-            running_var += momentum * var * (M / (M - 1))
+            running_var += (momentum * M / (M - 1)) * var  # unbiased variance, as PyTorch keeps
     else:
         mean, var = running_mean, running_var
+        centered = x - mean.reshape(1, C, 1, 1)
     inv_std = 1 / xp.sqrt(var + eps)
-    x_hat = (x - mean.reshape(1, C, 1, 1)) * inv_std.reshape(1, C, 1, 1)
-    y = x_hat * gamma.reshape(1, C, 1, 1) + beta.reshape(1, C, 1, 1)
+    x_hat = centered * inv_std.reshape(1, C, 1, 1)
+    y = x_hat * gamma.reshape(1, C, 1, 1)
+    y += beta.reshape(1, C, 1, 1)
     return y, (x_hat, inv_std, gamma, training)
 
 
@@ -57,18 +60,18 @@ def batch_norm_backward(dout, cache):
 
     dout: (N, C, H, W) -> dx: (N, C, H, W), dgamma: (C,), dbeta: (C,).
     In training mode the mean and variance depend on x, which adds two correction terms:
-        dx = inv_std / M * (M * g - sum(g) - x_hat * sum(g * x_hat)),  g = dout * gamma
-    (sums over N, H, W). In eval mode they are constants: dx = dout * gamma * inv_std.
+        dx = gamma * inv_std * (dout - dbeta / M - x_hat * dgamma / M)
+    with dbeta = sum(dout) and dgamma = sum(dout * x_hat) over N, H, W (docs/derivations.md
+    derives it). In eval mode they are constants: dx = dout * gamma * inv_std.
     """
     x_hat, inv_std, gamma, training = cache
     N, C, H, W = dout.shape
     M = N * H * W
     dbeta = dout.sum(axis=(0, 2, 3))
     dgamma = (dout * x_hat).sum(axis=(0, 2, 3))
-    g = dout * gamma.reshape(1, C, 1, 1)
+    scale = (gamma * inv_std).reshape(1, C, 1, 1)
     if not training:
-        return g * inv_std.reshape(1, C, 1, 1), dgamma, dbeta
-    g_sum = g.sum(axis=(0, 2, 3)).reshape(1, C, 1, 1)
-    gx_sum = (g * x_hat).sum(axis=(0, 2, 3)).reshape(1, C, 1, 1)
-    dx = (inv_std / M).reshape(1, C, 1, 1) * (M * g - g_sum - x_hat * gx_sum)
+        return dout * scale, dgamma, dbeta
+    dx = (dout - (dbeta / M).reshape(1, C, 1, 1)) - x_hat * (dgamma / M).reshape(1, C, 1, 1)
+    dx *= scale  # in place: dx is this function's own array
     return dx, dgamma, dbeta

@@ -322,6 +322,19 @@ for _name in """float16 float32 float64 int8 int16 int32 int64 uint8 uint16 uint
     globals()[_name] = getattr(numpy, _name)
 
 
+class _StrideTricks:
+    @staticmethod
+    def as_strided(x, shape=None, strides=None):
+        """A view of a device array with other strides (in bytes), as CuPy's: no kernel."""
+        if not isinstance(x, ndarray):
+            raise _unsupported(x, "strict_cupy.lib.stride_tricks.as_strided")
+        return ndarray(numpy.lib.stride_tricks.as_strided(x._a, shape=shape, strides=strides))
+
+
+class lib:  # noqa: N801 (CuPy's name: cupy.lib.stride_tricks)
+    stride_tricks = _StrideTricks()
+
+
 class _Runtime:
     @staticmethod
     def getDeviceCount() -> int:
@@ -332,5 +345,5 @@ class cuda:  # noqa: N801 (CuPy's name)
     runtime = _Runtime()
 
 
-__all__ = ["asarray", "asnumpy", "cuda", "get_array_module", "launch_count", "ndarray",
+__all__ = ["asarray", "asnumpy", "cuda", "get_array_module", "launch_count", "lib", "ndarray",
            "reset_launch_count", "reset_sync_count", "sync_count"]
