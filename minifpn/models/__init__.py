@@ -1,6 +1,7 @@
 """Models: the bottom-up ResNet (C2..C5) and the FPN's top-down pathway (P2..P6)."""
 from .fpn import FPN, VARIANTS, LastLevelMaxPool, LastLevelP6P7
 from .resnet import BasicBlock, ResNet, resnet18, resnet_small
+from .roi_head import FastRCNNHead, fast_rcnn_loss, fast_rcnn_loss_backward
 
 __all__ = ["FPN", "VARIANTS", "LastLevelMaxPool", "LastLevelP6P7", "BasicBlock", "ResNet", "resnet18",
-           "resnet_small"]
+           "resnet_small", "FastRCNNHead", "fast_rcnn_loss", "fast_rcnn_loss_backward"]
