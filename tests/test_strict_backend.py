@@ -20,9 +20,9 @@ from minifpn.models.detector import Detector, DetectorConfig  # noqa: E402
 from minifpn.train import TrainConfig, load_checkpoint, train  # noqa: E402
 
 # Device -> host synchronisations in one training step on the strict stand-in (docs/performance.md):
-# the loss's two parts, read together; the batched finite check of the weights; the check that the
-# images are finite (Detector); the check that C2..C5 are finite, all levels at once (FPN).
-SYNCS_PER_STEP = 4
+# the loss's two parts read together with the flags of the input checks (images finite, C2..C5
+# finite), and the batched finite check of the weights.
+SYNCS_PER_STEP = 2
 
 
 @pytest.fixture
@@ -206,9 +206,9 @@ def test_figures_from_device_arrays(backend, rng):
 
 def test_a_training_step_synchronises_only_for_the_loss_and_the_finite_checks(stand_in, tmp_path,
                                                                               monkeypatch):
-    """A step reads from the device only what the host must see: the loss (its parts read in one
-    copy), one batched finite check of the weights and one of each network input (images; C2..C5),
-    never one per parameter, per level or per upsample."""
+    """A step reads from the device only what the host must see: the loss (its parts and the
+    input checks' flags in one copy) and one batched finite check of the weights, never one per
+    parameter, per level, per input check or per upsample."""
     counts = []
     original = Detector.loss
 

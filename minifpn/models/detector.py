@@ -54,15 +54,28 @@ class Detector(Module):
         self._loss_cache = None  # set by loss, used by backward
 
     # ---- features: the part of the network that differs between settings --------------
-    def features(self, images):
-        """images (N, in_channels, H, W) -> the maps the head runs on, finest first."""
-        check_images(images, self.config.in_channels)  # shape, sides, no NaN or inf, every setting
+    def features(self, images, deferred: list | None = None):
+        """images (N, in_channels, H, W) -> the maps the head runs on, finest first.
+
+        The images must be finite, and so must C2..C5 (the FPN checks them); each check reads
+        one flag from the device. Given a list as ``deferred``, the checks append
+        (flag, raise the check's error) to it instead, and ``loss`` reads the flags together
+        with the loss: one device read per step, not three.
+        """
+        c = self.config
+        check_images(images, c.in_channels, values=deferred is None)  # shape, sides, NaN or inf
+        if deferred is not None:
+            xp = get_array_module(images)
+            deferred.append((xp.isfinite(images).all(), lambda: check_images(images, c.in_channels)))
         c2_to_c5 = self.backbone(images)
-        if self.config.setting == "c4":
+        if c.setting == "c4":
             return [c2_to_c5[2]]
-        if self.config.setting == "c5":
+        if c.setting == "c5":
             return [c2_to_c5[3]]
-        return self.fpn(c2_to_c5)
+        if deferred is not None:
+            deferred.append((self.fpn.inputs_finite(c2_to_c5),
+                             lambda: self.fpn.raise_not_finite(c2_to_c5)))
+        return self.fpn(c2_to_c5, check_finite=deferred is None)
 
     def features_backward(self, d_maps):
         """Gradients of the head's input maps -> gradient of the images."""
@@ -81,10 +94,10 @@ class Detector(Module):
                 for (h, w), (_, stride, sizes) in zip(map_sizes, self.head_maps)]
         return self._anchor_cache[key]
 
-    def _head_outputs(self, images):
+    def _head_outputs(self, images, deferred: list | None = None):
         """Run everything up to the head; flatten its outputs to one row per anchor.
         Returns logits (N, T, K+1), deltas (N, T, 4), per-level anchors, per-level sizes."""
-        maps = self.features(images)
+        maps = self.features(images, deferred)
         logits_l, deltas_l = self.head(maps)
         sizes = [m.shape[2:] for m in maps]
         xp = get_array_module(images)
@@ -115,7 +128,8 @@ class Detector(Module):
         if c.num_classes == 1:  # the paper's RPN: every digit is just "an object"
             labels = [np.zeros(len(b.reshape(-1, 4)), np.int64) for b in boxes]
         check_targets(boxes, labels, N, H, W, c.num_classes)
-        logits, deltas, anchors_l, sizes = self._head_outputs(images)
+        deferred = []  # the input checks' flags, read below with the loss
+        logits, deltas, anchors_l, sizes = self._head_outputs(images, deferred)
         targets = batch_targets(np.concatenate(anchors_l), boxes, labels, rng, c.positive_iou,
                                 c.negative_iou, c.anchors_per_image, c.positive_fraction)
         backend = backend_name(images)
@@ -130,8 +144,12 @@ class Detector(Module):
                                           normalizer=normalizer)
         self._loss_cache = (logits.shape, deltas.shape, cls_index, box_index, cls_cache,
                             box_cache, sizes)
-        both = to_numpy(get_array_module(logits).stack([loss_cls, loss_box]))  # one device read
-        parts = {"cls": float(both[0]), "box": float(both[1])}
+        flags = [flag.astype(loss_cls.dtype) for flag, _ in deferred]
+        host = to_numpy(get_array_module(logits).stack([loss_cls, loss_box, *flags]))  # one read
+        for ok, (_, fail) in zip(host[2:], deferred):
+            if not ok:
+                fail()  # raises that check's own error, naming what is not finite
+        parts = {"cls": float(host[0]), "box": float(host[1])}
         return parts["cls"] + parts["box"], parts
 
     def backward(self):

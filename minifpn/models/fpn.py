@@ -139,7 +139,7 @@ class FPN(Module):
         return [2 ** int(name[1:]) for name in self.output_names]
 
     # ---- forward: the top-down pathway ------------------------------------------------
-    def forward(self, features):
+    def forward(self, features, check_finite: bool = True):
         """The top-down pathway and lateral connections on [C2, C3, C4, C5] -> [P2, ..., P6].
 
             M5 = lateral5(C5)
@@ -147,8 +147,12 @@ class FPN(Module):
             Pk = outputk(Mk)                                      k = 2, 3, 4, 5
             P6 = max_pool2d(P5, 1, stride 2)                      (or RetinaNet's P6, P7)
         Shapes are in the class docstring. Index i of each list is level k = i + 2.
+        ``check_finite=False`` leaves the NaN/inf check of C2..C5 (one device read) to a caller
+        that reads ``inputs_finite(features)`` with its own results, as ``Detector.loss`` does.
         """
         self._check(features)
+        if check_finite and not bool(self.inputs_finite(features)):  # one sync for all levels
+            self.raise_not_finite(features)
         self.maps, self.grads = {}, {}
         self.upsample_caches = [None] * len(features)
         top = len(features) - 1
@@ -258,11 +262,18 @@ class FPN(Module):
                                  f"in_channels_list says, got {tuple(c.shape)}")
         for k, fine, coarse in zip(self.levels, features, features[1:]):
             _check_halving(k, fine, coarse)
+
+    def inputs_finite(self, features):
+        """A 0-d device bool: no NaN or infinity in any of C2..C5 (read it to know)."""
         xp = get_array_module(*features)
-        if not bool(xp.stack([xp.isfinite(c).all() for c in features]).all()):  # one sync for all
-            for k, c in zip(self.levels, features):  # only on failure: find the level to name
-                if not bool(xp.isfinite(c).all()):
-                    raise ValueError(f"FPN: C{k} contains NaN or infinite values")
+        return xp.stack([xp.isfinite(c).all() for c in features]).all()
+
+    def raise_not_finite(self, features):
+        """After ``inputs_finite`` said False: name the first level with NaN or infinity."""
+        xp = get_array_module(*features)
+        for k, c in zip(self.levels, features):
+            if not bool(xp.isfinite(c).all()):
+                raise ValueError(f"FPN: C{k} contains NaN or infinite values")
 
 
 def _check_halving(k, fine, coarse):
