@@ -22,6 +22,7 @@ from .losses import (
                      softmax_cross_entropy_backward,
 )
 from .pool import max_pool2d, max_pool2d_backward
+from .roi_align import roi_align, roi_align_backward, roi_align_simple
 from .upsample import nearest_source_index, upsample_nearest, upsample_nearest_backward
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "col2im", "conv2d",
     "conv2d_backward", "conv2d_simple", "conv_output_size", "im2col", "linear", "linear_backward",
     "max_pool2d",
-    "max_pool2d_backward", "nearest_source_index", "relu", "relu_backward",
+    "max_pool2d_backward", "nearest_source_index", "relu", "relu_backward", "roi_align",
+    "roi_align_backward", "roi_align_simple",
     "upsample_nearest", "upsample_nearest_backward",
 ]

@@ -315,6 +315,19 @@ _FUNCTIONS = """
 for _name in _FUNCTIONS:
     globals()[_name] = _device_function(_name)
 
+
+def _add_at(a, indices, b=None):
+    """``cupy.add.at`` (CuPy >= 13; cupyx.scatter_add before): add ``b`` into the device array
+    ``a`` at ``indices``, in place and unbuffered, so a repeated index gets every addition."""
+    where = "strict_cupy.add.at"
+    if not isinstance(a, ndarray):
+        raise _unsupported(a, where)
+    numpy.add.at(a._a, _index(indices), _unwrap(b, where))
+    _launch()
+
+
+add.at = _add_at  # noqa: F821 (made by the loop above)
+
 # dtypes and constants are the same objects in CuPy and NumPy
 for _name in """float16 float32 float64 int8 int16 int32 int64 uint8 uint16 uint32 uint64 bool_
                  intp dtype inf nan pi newaxis finfo iinfo integer floating
