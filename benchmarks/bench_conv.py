@@ -1,6 +1,6 @@
 """Speed of minifpn's conv2d against torch.nn.functional.conv2d, in one process, same threads.
 
-    python benchmarks/bench_conv.py [--threads 2] [--batch 8]
+    python benchmarks/bench_conv.py [--threads 2] [--batch 8] [--samples 5]
 
 Prints, for each FPN-typical shape (float32), our time and PyTorch's for the forward and for
 forward+backward, their ratio (ours / torch: 1.0 is parity, higher is slower) and our GFLOP/s.
@@ -9,9 +9,10 @@ Absolute times on shared machines are noisy; the ratios are what to read.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import numpy as np
-from common import blas_report, rng_array, setup_threads, table, timeit
+from common import blas_report, interleaved, ratio_summary, rng_array, setup_threads, table
 
 from minifpn import functional as F
 
@@ -23,7 +24,7 @@ SHAPES = (
 )
 
 
-def bench_shape(C, OC, k, size, batch, torch, rng, repeats):
+def bench_shape(C, OC, k, size, batch, torch, rng, samples):
     pad = k // 2
     x, w, b = rng_array(rng, (batch, C, size, size)), rng_array(rng, (OC, C, k, k)), rng_array(rng, (OC,))
     dout = rng_array(rng, (batch, OC, size, size))
@@ -36,8 +37,7 @@ def bench_shape(C, OC, k, size, batch, torch, rng, repeats):
         _, cache = F.conv2d(x, w, b, 1, pad)
         return F.conv2d_backward(dout, cache)
 
-    row = {"ours_f": timeit(ours_fwd, repeats), "ours_fb": timeit(ours_fwd_bwd, repeats),
-           "flops": flops}
+    fns = {"ours_f": ours_fwd, "ours_fb": ours_fwd_bwd}
     if torch is not None:
         tx = torch.tensor(x, requires_grad=True)
         tw = torch.tensor(w, requires_grad=True)
@@ -52,38 +52,49 @@ def bench_shape(C, OC, k, size, batch, torch, rng, repeats):
             out = torch.nn.functional.conv2d(tx, tw, tb, 1, pad)
             out.backward(tdout)
 
-        row["torch_f"] = timeit(torch_fwd, repeats)
-        row["torch_fb"] = timeit(torch_fwd_bwd, repeats)
-    return row
+        fns.update({"torch_f": torch_fwd, "torch_fb": torch_fwd_bwd})
+    return interleaved(fns, samples), flops
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=5, help="interleaved samples per shape")
     args = parser.parse_args()
     _, torch = setup_threads(args.threads)
     print(blas_report(args.threads))
     print(f"torch: {torch.__version__ if torch else 'not installed (no ratios)'}; "
           f"float32, batch {args.batch}\n")
     rng = np.random.default_rng(0)
-    rows, sums = [], {"ours_f": 0.0, "ours_fb": 0.0, "torch_f": 0.0, "torch_fb": 0.0}
+    keys = ("ours_f", "ours_fb", "torch_f", "torch_fb") if torch is not None else ("ours_f", "ours_fb")
+    rows, sums = [], {k: [0.0] * args.samples for k in keys}  # per sample, summed over the shapes
+    nan = float("nan")
     for label, C, OC, k, size in SHAPES:
-        r = bench_shape(C, OC, k, size, args.batch, torch, rng, args.repeats)
-        for key in sums:
-            sums[key] += r.get(key, float("nan"))
-        rows.append([label, f"{r['ours_f'] * 1e3:.2f}", f"{r.get('torch_f', float('nan')) * 1e3:.2f}",
-                     f"{r['ours_f'] / r.get('torch_f', float('nan')):.2f}",
-                     f"{r['ours_fb'] * 1e3:.2f}", f"{r.get('torch_fb', float('nan')) * 1e3:.2f}",
-                     f"{r['ours_fb'] / r.get('torch_fb', float('nan')):.2f}",
-                     f"{r['flops'] / r['ours_f'] / 1e9:.1f}", f"{3 * r['flops'] / r['ours_fb'] / 1e9:.1f}"])
-    rows.append(["sum", f"{sums['ours_f'] * 1e3:.2f}", f"{sums['torch_f'] * 1e3:.2f}",
-                 f"{sums['ours_f'] / sums['torch_f']:.2f}", f"{sums['ours_fb'] * 1e3:.2f}",
-                 f"{sums['torch_fb'] * 1e3:.2f}", f"{sums['ours_fb'] / sums['torch_fb']:.2f}", "", ""])
-    print(table(rows, ["conv2d (float32)", "fwd ms", "torch ms", "ratio", "fwd+bwd ms",
-                       "torch ms", "ratio", "fwd GFLOP/s", "f+b GFLOP/s"]))
-    print("\nratio = ours / torch (1.00 is parity); f+b GFLOP/s counts 3x the forward's FLOPs.")
+        times, flops = bench_shape(C, OC, k, size, args.batch, torch, rng, args.samples)
+        for key in keys:
+            sums[key] = [a + b for a, b in zip(sums[key], times[key])]
+        med = {key: statistics.median(times[key]) for key in keys}
+        rows.append([label, f"{med['ours_f'] * 1e3:.2f}", f"{med.get('torch_f', nan) * 1e3:.2f}",
+                     _ratio(times, "f"), f"{med['ours_fb'] * 1e3:.2f}",
+                     f"{med.get('torch_fb', nan) * 1e3:.2f}", _ratio(times, "fb"),
+                     f"{flops / med['ours_f'] / 1e9:.1f}", f"{3 * flops / med['ours_fb'] / 1e9:.1f}"])
+    med = {key: statistics.median(sums[key]) for key in keys}
+    rows.append(["sum", f"{med['ours_f'] * 1e3:.2f}", f"{med.get('torch_f', nan) * 1e3:.2f}",
+                 _ratio(sums, "f"), f"{med['ours_fb'] * 1e3:.2f}",
+                 f"{med.get('torch_fb', nan) * 1e3:.2f}", _ratio(sums, "fb"), "", ""])
+    print(table(rows, ["conv2d (float32)", "fwd ms", "torch ms", "ratio (spread)", "fwd+bwd ms",
+                       "torch ms", "ratio (spread)", "fwd GFLOP/s", "f+b GFLOP/s"]))
+    print(f"\nratio = ours / torch (1.00 is parity): the median of {args.samples} interleaved "
+          "samples, and in brackets the lowest and highest; the sum's ratio is per sample over "
+          "all shapes. f+b GFLOP/s counts 3x the forward's FLOPs.")
+
+
+def _ratio(times, which):
+    if f"torch_{which}" not in times:
+        return "-"
+    median, spread = ratio_summary(times[f"ours_{which}"], times[f"torch_{which}"])
+    return f"{median:.2f} ({spread})"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Speed of minifpn's FPN against torchvision's FeaturePyramidNetwork on the same C2..C5.
 
-    python benchmarks/bench_fpn.py [--threads 2] [--batch 8] [--size 128]
+    python benchmarks/bench_fpn.py [--threads 2] [--batch 8] [--size 128] [--samples 5]
 
 C2..C5 as a ResNet-18 gives them on a size x size image (64/128/256/512 channels at strides
 4/8/16/32), d = 256, P6 by LastLevelMaxPool, float32, same weights, same process, same threads.
@@ -8,10 +8,11 @@ C2..C5 as a ResNet-18 gives them on a size x size image (64/128/256/512 channels
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections import OrderedDict
 
 import numpy as np
-from common import blas_report, rng_array, setup_threads, table, timeit
+from common import blas_report, interleaved, ratio_summary, rng_array, setup_threads, table
 
 from minifpn.interop import fpn_from_torchvision
 from minifpn.models import FPN
@@ -24,7 +25,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=5, help="interleaved samples")
     args = parser.parse_args()
     _, torch = setup_threads(args.threads)
     print(blas_report(args.threads))
@@ -42,11 +43,12 @@ def main():
         ours(features)
         return ours.backward(douts)
 
-    rows = [["minifpn FPN", f"{timeit(ours_fwd, args.repeats) * 1e3:.1f}",
-             f"{timeit(ours_fwd_bwd, args.repeats) * 1e3:.1f}"]]
+    fns = {"ours_f": ours_fwd, "ours_fb": ours_fwd_bwd}
     if torch is None:
+        times = interleaved(fns, args.samples)
         print("torch is not installed: no ratio")
-        print(table(rows, ["", "fwd ms", "fwd+bwd ms"]))
+        print(table([["minifpn FPN", f"{statistics.median(times['ours_f']) * 1e3:.1f}",
+                      f"{statistics.median(times['ours_fb']) * 1e3:.1f}"]], ["", "fwd ms", "fwd+bwd ms"]))
         return
     from torchvision.ops import FeaturePyramidNetwork
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -64,12 +66,16 @@ def main():
         out = theirs(t_features)
         torch.autograd.backward(list(out.values()), t_douts)
 
-    t_f, t_fb = timeit(torch_fwd, args.repeats), timeit(torch_fwd_bwd, args.repeats)
-    rows.append(["torchvision FPN", f"{t_f * 1e3:.1f}", f"{t_fb * 1e3:.1f}"])
-    o_f, o_fb = float(rows[0][1]) / 1e3, float(rows[0][2]) / 1e3
-    rows.append(["ratio (ours / torch)", f"{o_f / t_f:.2f}", f"{o_fb / t_fb:.2f}"])
+    fns.update({"torch_f": torch_fwd, "torch_fb": torch_fwd_bwd})
+    times = interleaved(fns, args.samples)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rows = [["minifpn FPN", f"{med['ours_f']:.1f}", f"{med['ours_fb']:.1f}"],
+            ["torchvision FPN", f"{med['torch_f']:.1f}", f"{med['torch_fb']:.1f}"]]
+    ratios = [ratio_summary(times[f"ours_{w}"], times[f"torch_{w}"]) for w in ("f", "fb")]
+    rows.append([f"ratio (ours / torch), median of {args.samples}"] + [f"{m:.2f}" for m, _ in ratios])
+    rows.append(["spread of the ratio (min-max)"] + [s for _, s in ratios])
     print(f"C2..C5 of a {args.size}x{args.size} image: {[tuple(c.shape) for c in features]}, "
-          f"d = 256, float32\n")
+          f"d = 256, float32; the two take turns in each of {args.samples} samples\n")
     print(table(rows, ["", "fwd ms", "fwd+bwd ms"]))
 
 

@@ -1,21 +1,23 @@
 """Training speed of the demo detector: images per second and peak memory, with the same
 network built in PyTorch (same weights) as the ratio baseline.
 
-    python benchmarks/bench_train.py [--threads 2] [--batch 8] [--steps 10]
+    python benchmarks/bench_train.py [--threads 2] [--batch 8] [--steps 5] [--samples 5]
 
 Ours: one full training step (forward, anchor matching and sampling, loss, backward, SGD).
 PyTorch: forward and backward of the same backbone + FPN + shared head, with the head's
 outputs given random gradients (the loss bookkeeping is not part of the baseline), then SGD.
-Peak memory is NumPy's allocations during one of our steps, from tracemalloc.
+Each sample times --steps steps of ours, then as many of PyTorch's (the two take turns); the
+table gives the medians and the spread of the per-sample ratio. Peak memory is NumPy's
+allocations during one of our steps, from tracemalloc.
 """
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 import tracemalloc
 
 import numpy as np
-from common import blas_report, setup_threads, table
+from common import blas_report, interleaved, ratio_summary, setup_threads, table
 
 from minifpn.data import DigitScenes
 from minifpn.models.detector import Detector, DetectorConfig
@@ -85,7 +87,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5, help="steps per sample")
+    parser.add_argument("--samples", type=int, default=5, help="interleaved samples (ours, torch)")
     args = parser.parse_args()
     _, torch = setup_threads(args.threads)
     print(blas_report(args.threads))
@@ -107,12 +110,11 @@ def main():
     step(batches[0])
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    start = time.perf_counter()
-    for b in batches[1:]:
-        step(b)
-    ours = (time.perf_counter() - start) / args.steps
-    rows = [["minifpn (full training step)", f"{ours * 1e3:.0f}", f"{args.batch / ours:.1f}",
-             f"{peak / 2 ** 20:.0f}"]]
+
+    def ours_steps():
+        for b in batches[1:]:
+            step(b)
+    fns = {"ours": ours_steps}
     if torch is not None:
         twin = torch_twin(det, torch)
         t_opt = torch.optim.SGD(twin.parameters(), lr=0.001, momentum=0.9)
@@ -124,14 +126,21 @@ def main():
             torch.autograd.backward(twin(x), grads)
             t_opt.step()
 
-        t_step(images[0])
-        start = time.perf_counter()
-        for x in images[1:]:
-            t_step(x)
-        theirs = (time.perf_counter() - start) / args.steps
+        def torch_steps():
+            for x in images[1:]:
+                t_step(x)
+        fns["torch"] = torch_steps
+    times = interleaved(fns, samples=args.samples, min_time=0.0)
+    ours = statistics.median(times["ours"]) / args.steps
+    rows = [["minifpn (full training step)", f"{ours * 1e3:.0f}", f"{args.batch / ours:.1f}",
+             f"{peak / 2 ** 20:.0f}"]]
+    if torch is not None:
+        theirs = statistics.median(times["torch"]) / args.steps
         rows.append(["PyTorch twin (fwd + bwd + SGD)", f"{theirs * 1e3:.0f}",
                      f"{args.batch / theirs:.1f}", ""])
-        rows.append(["ratio (ours / torch)", f"{ours / theirs:.2f}", "", ""])
+        median, spread = ratio_summary(times["ours"], times["torch"])
+        rows.append([f"ratio (ours / torch), median of {args.samples}", f"{median:.2f}",
+                     f"spread {spread}", ""])
     cfg = det.config
     print(f"demo detector: ResNet {cfg.widths}, FPN d={cfg.channels}, head shared over P2..P6, "
           f"batch {args.batch} of 1x128x128 scenes\n")

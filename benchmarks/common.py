@@ -60,6 +60,33 @@ def timeit(fn, repeats: int = 5, warmup: int = 1, min_time: float = 0.05) -> flo
     return statistics.median(samples)
 
 
+def interleaved(fns: dict, samples: int = 5, warmup: int = 1, min_time: float = 0.05) -> dict:
+    """{name: [seconds per call, one per sample]} for each function of ``fns``. Within a sample
+    the functions take turns (each repeated until ``min_time`` passes), so a burst of load on a
+    shared machine falls on all of them alike instead of on whichever ran during it."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(samples):
+        for name, fn in fns.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                fn()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time:
+                    break
+            times[name].append(elapsed / n)
+    return times
+
+
+def ratio_summary(ours: list, theirs: list) -> tuple[float, str]:
+    """Median of the per-sample ratios ours/theirs, and their spread as "min-max"."""
+    ratios = sorted(a / b for a, b in zip(ours, theirs))
+    return statistics.median(ratios), f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
+
+
 def table(rows, header) -> str:
     rows = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
