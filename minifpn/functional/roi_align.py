@@ -187,12 +187,13 @@ def roi_align_backward(dout, cache):
                          f"{(K, C, OH, OW)}, got {tuple(dout.shape)}")
     xp = get_array_module(dout)
     share = (dout / _count(y_axis, x_axis))[:, :, :, :, None, None]  # (K, C, OH, OW, 1, 1)
+    corners = list(_corners(batch, y_axis, x_axis, H, W))
+    index = xp.concatenate([index.reshape(-1) for index, _ in corners])  # all four corners
+    weight = xp.stack([weight for _, weight in corners])  # (4, K, OH, OW, GH, GW)
     d_maps = xp.zeros((C, N * H * W), dtype=dout.dtype)  # one flat map per channel
-    for index, weight in _corners(batch, y_axis, x_axis, H, W):
-        index = index.reshape(-1)
-        for c in range(C):  # NumPy's add.at is about 5x faster on 1-d arrays than on rows of C
-            # unbuffered: a cell hit several times gets every addition (d[index] += keeps one)
-            xp.add.at(d_maps[c], index, (weight * share[:, c]).reshape(-1))
+    for c in range(C):  # NumPy's add.at is about 5x faster on 1-d arrays than on rows of C
+        # unbuffered: a cell hit several times gets every addition (d[index] += keeps one)
+        xp.add.at(d_maps[c], index, (weight * share[:, c]).reshape(-1))
     return xp.ascontiguousarray(d_maps.reshape(C, N, H, W).transpose(1, 0, 2, 3))
 
 
