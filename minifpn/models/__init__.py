@@ -1,7 +1,8 @@
 """Models: the bottom-up ResNet (C2..C5) and the FPN's top-down pathway (P2..P6)."""
 from .fpn import FPN, VARIANTS, LastLevelMaxPool, LastLevelP6P7
+from .pooler import RoIPooler
 from .resnet import BasicBlock, ResNet, resnet18, resnet_small
 from .roi_head import FastRCNNHead, fast_rcnn_loss, fast_rcnn_loss_backward
 
 __all__ = ["FPN", "VARIANTS", "LastLevelMaxPool", "LastLevelP6P7", "BasicBlock", "ResNet", "resnet18",
-           "resnet_small", "FastRCNNHead", "fast_rcnn_loss", "fast_rcnn_loss_backward"]
+           "resnet_small", "FastRCNNHead", "fast_rcnn_loss", "fast_rcnn_loss_backward", "RoIPooler"]

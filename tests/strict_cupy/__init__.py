@@ -310,7 +310,7 @@ _FUNCTIONS = """
     argsort sort unique repeat tile expand_dims squeeze moveaxis swapaxes copy square log1p
     expm1 tanh logical_and logical_or logical_not equal not_equal less less_equal greater
     greater_equal add subtract multiply divide true_divide floor_divide power negative
-    count_nonzero allclose array_equal
+    count_nonzero allclose array_equal log2
 """.split()
 for _name in _FUNCTIONS:
     globals()[_name] = _device_function(_name)
