@@ -42,13 +42,13 @@ def _check_roi_align_args(features, boxes, output_size, spatial_scale, sampling_
     return OH, OW
 
 
-def _check_batch_index(boxes, N: int, op: str) -> None:
+def _check_rois(boxes, N: int, op: str) -> None:
     """Require finite boxes whose batch index is an integer in [0, N - 1] (one device sync)."""
     xp = get_array_module(boxes)
     index = boxes[:, 0]
     bad = (~xp.isfinite(boxes).all(axis=1) | (index < 0) | (index > N - 1)
            | (index != xp.floor(index)))
-    if bool(bad.any()):  # the one device -> host synchronisation of roi_align
+    if bool(bad.any()):  # a device -> host synchronisation, one per call
         row = int(xp.argmax(bad))
         raise ValueError(f"{op}: boxes[{row}] = {to_numpy(boxes[row]).tolist()} is not a valid RoI: "
                          f"its batch index must be an integer in [0, {N - 1}] (features hold {N} "
@@ -149,16 +149,16 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
                                    aligned, "roi_align")
     xp = get_array_module(features)
     N, C, H, W = features.shape
-    _check_batch_index(boxes, N, "roi_align")
+    _check_rois(boxes, N, "roi_align")
     scale = features.dtype.type(spatial_scale)  # in the features' dtype, as torchvision's kernel
     offset = 0.5 if aligned else 0.0
-    corners = boxes[:, 1:] * scale - offset  # (K, 4): x1, y1, x2, y2 in feature-map cells
+    roi = boxes[:, 1:] * scale - offset  # (K, 4): x1, y1, x2, y2 in feature-map cells
     batch = boxes[:, 0].astype(xp.int64)
-    bin_h, grid_h = _bins(corners[:, 1], corners[:, 3], OH, sampling_ratio, aligned)
-    bin_w, grid_w = _bins(corners[:, 0], corners[:, 2], OW, sampling_ratio, aligned)
+    bin_h, grid_h = _bins(roi[:, 1], roi[:, 3], OH, sampling_ratio, aligned)
+    bin_w, grid_w = _bins(roi[:, 0], roi[:, 2], OW, sampling_ratio, aligned)
     GH, GW = _largest_grid(grid_h, grid_w)
-    y_axis = _axis_samples(corners[:, 1], bin_h, grid_h, GH, OH, H)
-    x_axis = _axis_samples(corners[:, 0], bin_w, grid_w, GW, OW, W)
+    y_axis = _axis_samples(roi[:, 1], bin_h, grid_h, GH, OH, H)
+    x_axis = _axis_samples(roi[:, 0], bin_w, grid_w, GW, OW, W)
     rows = features.transpose(0, 2, 3, 1).reshape(N * H * W, C)  # one row of C channels per cell
     K, bins = boxes.shape[0], boxes.shape[0] * OH * OW
     total = xp.zeros((bins, 1, C), dtype=features.dtype)
@@ -188,8 +188,8 @@ def roi_align_backward(dout, cache):
     xp = get_array_module(dout)
     share = (dout / _count(y_axis, x_axis))[:, :, :, :, None, None]  # (K, C, OH, OW, 1, 1)
     corners = list(_corners(batch, y_axis, x_axis, H, W))
-    index = xp.concatenate([index.reshape(-1) for index, _ in corners])  # all four corners
-    weight = xp.stack([weight for _, weight in corners])  # (4, K, OH, OW, GH, GW)
+    index = xp.concatenate([i.reshape(-1) for i, _ in corners])  # the four corners, one after another
+    weight = xp.stack([w for _, w in corners])  # (4, K, OH, OW, GH, GW), in the same order
     d_maps = xp.zeros((C, N * H * W), dtype=dout.dtype)  # one flat map per channel
     for c in range(C):  # NumPy's add.at is about 5x faster on 1-d arrays than on rows of C
         # unbuffered: a cell hit several times gets every addition (d[index] += keeps one)
@@ -220,7 +220,7 @@ def roi_align_simple(features, boxes, output_size, spatial_scale=1.0, sampling_r
     OH, OW = _check_roi_align_args(features, boxes, output_size, spatial_scale, sampling_ratio,
                                    aligned, "roi_align_simple")
     xp = get_array_module(features)
-    _check_batch_index(boxes, features.shape[0], "roi_align_simple")
+    _check_rois(boxes, features.shape[0], "roi_align_simple")
     out = xp.zeros((boxes.shape[0], features.shape[1], OH, OW), dtype=features.dtype)
     offset = 0.5 if aligned else 0.0
     for k, (n, x1, y1, x2, y2) in enumerate(to_numpy(boxes).tolist()):  # host floats

@@ -41,14 +41,14 @@ class RoIPooler(Module):
     size for ~800-px images, whose P2..P5 anchors are 32..256 px. Our images are 128 px with
     digits of 3.5-73 px and anchors of 8/16/32/64 px on P2..P5 (``ANCHOR_SIZES``). With 32, the
     P4 anchor size, a box of side s in [a_k, 2 a_k) is pooled from the level k whose anchors
-    have size a_k (the level the RPN most likely proposed it from), and the digits spread over
+    have size a_k, and the digits spread over
     all four levels: < 16 px on P2, 16-32 px on P3, 32-64 px on P4, >= 64 px on P5. (Scaling
     the paper's ratio of canonical size to P4 anchor, 224 / 128, would give 56 and leave P5
     to boxes of 112 px or more, larger than any digit.)
     aligned = True: the half-cell shift of Detectron2's RoIAlign. A 4-px digit on P2 spans about
     one cell, where torchvision's default (aligned=False) would be off by half a cell and
     stretch the box to at least 1 x 1 cell. sampling_ratio = 2 (2 x 2 samples per bin), as
-    torchvision's Faster R-CNN: a fixed grid costs no device sync.
+    torchvision's Faster R-CNN: a fixed grid needs no device sync to size its samples.
     """
 
     def __init__(self, levels=(2, 3, 4, 5), output_size=7, sampling_ratio=2, canonical_size=32,
