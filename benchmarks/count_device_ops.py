@@ -54,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--by-function", action="store_true", help="tally operations by function")
+    parser.add_argument("--top", type=int, default=15, help="functions to list with --by-function")
     args = parser.parse_args()
     use_cupy_module(strict_cupy)
     tally = where_counter() if args.by_function else None
@@ -79,7 +80,7 @@ def main() -> None:
             print(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in phases.items())
                   + f"; {total} operations, {strict_cupy.sync_count()} synchronisations")
     if tally is not None:
-        for name, n in tally.most_common(15):
+        for name, n in tally.most_common(args.top):
             print(f"{n:6d}  {name}")
 
 
