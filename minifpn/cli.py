@@ -193,6 +193,11 @@ def _validate_options(args, error) -> None:
         error("--seed and --seeds: give one of them")
     if getattr(args, "allow_changes", False) and not args.resume:
         error("--allow-changes only applies with --resume")
+    if args.job == "train" and args.detector == "two_stage":
+        from .models.two_stage import RPN_SETTINGS
+        if args.setting not in RPN_SETTINGS:
+            error(f"--detector two_stage pools its RoIs from P2..P5: --setting must be one of "
+                  f"{', '.join(RPN_SETTINGS)}, got {args.setting}")
     if args.backend != "numpy":
         from .backend import BackendError, get_backend
         try:
@@ -299,11 +304,17 @@ def cmd_gradcheck(args) -> int:
 # ---- training, evaluation, the demo --------------------------------------------------------
 
 def _detector_config(args):
-    return DetectorConfig(setting=args.setting, channels=args.channels,
-                          num_classes=args.num_classes, widths=args.widths, seed=args.seed,
-                          anchors_per_image=args.anchors_per_image,
-                          positive_fraction=args.positive_fraction,
-                          positive_iou=args.positive_iou, negative_iou=args.negative_iou)
+    """The detector's config from the options: a TwoStageConfig for ``--detector two_stage``
+    (the same options then shape its backbone, FPN and RPN; --num-classes counts Fast R-CNN's
+    classes), else a DetectorConfig."""
+    config = DetectorConfig
+    if getattr(args, "detector", "one_stage") == "two_stage":
+        from .models.two_stage import TwoStageConfig as config
+    return config(setting=args.setting, channels=args.channels,
+                  num_classes=args.num_classes, widths=args.widths, seed=args.seed,
+                  anchors_per_image=args.anchors_per_image,
+                  positive_fraction=args.positive_fraction,
+                  positive_iou=args.positive_iou, negative_iou=args.negative_iou)
 
 
 def _train_config(args):
@@ -316,10 +327,10 @@ def _train_config(args):
 def _train_and_report(args, run_dir: str) -> dict:
     """Train (or resume), evaluate on the test split, print the AP/AR table and write
     metrics.json and the figures into ``run_dir``."""
-    from .models.detector import Detector
-    from .train import train_and_evaluate
+    from .train import DETECTORS, train_and_evaluate
 
-    detector = Detector(_detector_config(args)).to(args.backend)
+    detector_class, _ = DETECTORS[getattr(args, "detector", "one_stage")]
+    detector = detector_class(_detector_config(args)).to(args.backend)
     summary, history, detections, truths = train_and_evaluate(
         detector, _train_config(args), run_dir, args.eval_scenes, resume=getattr(args, "resume", False),
         progress=not args.quiet, time_limit=args.time_limit or None,
@@ -333,7 +344,9 @@ def _train_and_report(args, run_dir: str) -> dict:
 def _print_summary(summary: dict) -> None:
     """A finished run's steps, time and AP/AR table, as ``train_and_evaluate`` summarised it."""
     from .detection.metrics import format_metrics
-    print(f"\n{summary['setting']}: {summary['iterations']} iterations ({summary['images_seen']} images) "
+    two_stage = " (two_stage)" if summary.get("detector") == "two_stage" else ""
+    print(f"\n{summary['setting']}{two_stage}: {summary['iterations']} iterations "
+          f"({summary['images_seen']} images) "
           f"in {summary['train_seconds']:.0f} s; test split, {summary['test_scenes']} scenes:")
     print(format_metrics(summary["metrics"]))
 
@@ -397,14 +410,18 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .data import SceneConfig
     from .detection.metrics import format_metrics
-    from .train import detector_from_checkpoint, evaluate_detector
+    from .train import CheckpointError, detector_from_checkpoint, detector_kind, evaluate_detector
 
     detector, ckpt = detector_from_checkpoint(args.checkpoint, args.backend)
+    if args.detector is not None and detector_kind(detector) != args.detector:
+        raise CheckpointError(f"checkpoint {args.checkpoint} holds a {detector_kind(detector)} "
+                              f"detector, not the {args.detector} one --detector asks for")
     # the split of the run's own seed, drawn as its training scenes were (distractors included)
     trained = ckpt["meta"].get("train_config", {})
     metrics, _, _ = evaluate_detector(detector, args.split, args.scenes, seed=trained.get("seed", 0),
                                       scene_config=SceneConfig(**trained.get("scenes", {})))
-    print(f"{args.checkpoint}: setting {detector.config.setting}, trained "
+    two_stage = " (two_stage)" if detector_kind(detector) == "two_stage" else ""
+    print(f"{args.checkpoint}: setting {detector.config.setting}{two_stage}, trained "
           f"{ckpt['meta']['iteration']} iterations; {args.split} split, {args.scenes} scenes:")
     print(format_metrics(metrics))
     if args.json:
@@ -577,8 +594,12 @@ def _train_job(job) -> None:
             description="Train a detector of one Table 1 setting and evaluate it on the test split. "
                         "Checkpoints go to RUNS/NAME/checkpoint.npz every --checkpoint-every steps; "
                         "--resume continues that run exactly where it stopped.")
-    from .train import TrainConfig
+    from .train import DETECTORS, TrainConfig
     _training_options(p, TrainConfig().iterations)
+    p.add_argument("--detector", default="one_stage", choices=list(DETECTORS),
+                   help="one_stage: the shared head on the pyramid (Table 1); two_stage: that head as "
+                        "the paper's RPN (K = 1) and Fast R-CNN on its proposals, RoIs pooled from "
+                        "P2..P5 by Eq. (1) (Sec. 4.2)")
     p.add_argument("--resume", action="store_true", help="continue RUNS/NAME/checkpoint.npz")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept a different --lr, --batch-size, --iterations, --warmup "
@@ -594,6 +615,10 @@ def _evaluate_job(job) -> None:
     p.add_argument("checkpoint", help="path to checkpoint.npz")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="scene split")
     p.add_argument("--scenes", type=positive_int, default=EVAL_SCENES, help="number of scenes")
+    from .train import DETECTORS
+    p.add_argument("--detector", default=None, choices=list(DETECTORS),
+                   help="refuse a checkpoint that holds another detector (default: the detector the "
+                        "checkpoint holds)")
     _backend_option(p)
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.set_defaults(run=cmd_evaluate)

@@ -20,9 +20,19 @@ from .backend import default_rng, get_array_module, to_device, to_numpy
 from .data import DigitScenes, SceneConfig
 from .detection.metrics import evaluate
 from .models.detector import Detector, DetectorConfig
+from .models.two_stage import TwoStageConfig, TwoStageDetector
 from .optim import SGD, learning_rate
 
 CHECKPOINT_FORMAT = 1
+
+# The detectors train() runs, by the name a checkpoint's meta["detector"] records (checkpoints made
+# before the two-stage detector have no such entry: they hold a one-stage Detector).
+DETECTORS = {"one_stage": (Detector, DetectorConfig), "two_stage": (TwoStageDetector, TwoStageConfig)}
+
+
+def detector_kind(detector) -> str:
+    """The name in DETECTORS of ``detector``'s class: "one_stage" or "two_stage"."""
+    return "two_stage" if isinstance(detector, TwoStageDetector) else "one_stage"
 
 # The linear scaling rule (Goyal et al. 2017, as Detectron): the peak learning rate is BASE_LR per
 # BASE_BATCH images, so lr = BASE_LR * batch_size / BASE_BATCH. 0.05 was tuned at batch 8.
@@ -160,15 +170,28 @@ def check_arrays_match(ckpt: dict, detector: Detector, path) -> None:
         raise CheckpointError(f"checkpoint {path}: " + "; ".join(problems[:3]) + more)
 
 
+def check_same_kind(meta: dict, detector, path) -> None:
+    """Refuse a checkpoint of the other detector (one-stage weights into a two-stage one, ...)."""
+    stored, ours = meta.get("detector", "one_stage"), detector_kind(detector)
+    if stored != ours:
+        raise CheckpointError(f"checkpoint {path} holds a {stored} detector, not a {ours} one")
+
+
 def detector_from_checkpoint(path, backend: str = "numpy"):
-    """Rebuild the detector a checkpoint was trained with and load its weights."""
+    """Rebuild the detector a checkpoint was trained with (the class its meta["detector"]
+    names, one_stage without one) and load its weights."""
     ckpt = load_checkpoint(path)
+    kind = ckpt["meta"].get("detector", "one_stage")
+    if kind not in DETECTORS:
+        raise CheckpointError(f"checkpoint {path} holds a detector of unknown kind {kind!r}; "
+                              f"expected one of {list(DETECTORS)}")
+    detector_class, config_class = DETECTORS[kind]
     try:
-        config = DetectorConfig.from_dict(ckpt["meta"]["detector_config"])
+        config = config_class.from_dict(ckpt["meta"]["detector_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has no usable detector configuration "
                               f"({type(e).__name__}: {e})") from e
-    detector = Detector(config)
+    detector = detector_class(config)
     check_arrays_match(ckpt, detector, path)
     detector.load_state_dict(ckpt["model"])
     return detector.to(backend), ckpt
@@ -221,7 +244,8 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
     TrainingDiverged and Ctrl-C raises TrainingInterrupted, both after leaving the last step that
     passed the checks on disk. Returns the history {"iteration": [...], "loss": [...], "cls":
     [...], "box": [...], "lr": [...], "seconds": [...], "images_seen": [...]} (one entry per step;
-    images_seen counts every image trained on up to and including that step).
+    images_seen counts every image trained on up to and including that step; a two-stage
+    detector adds rpn_cls, rpn_box, rcnn_cls and rcnn_box, and its cls and box sum both stages).
     """
     run = _Run(detector, config, run_dir, log)
     if resume:
@@ -289,6 +313,7 @@ class _Run:
     def resume(self, allow_changes: bool) -> None:
         """Load weights, momentum, RNG state and history from the run's checkpoint."""
         ckpt = load_checkpoint(self.path)
+        check_same_kind(ckpt["meta"], self.detector, self.path)
         check_same_config(ckpt["meta"]["detector_config"], self.detector, self.path)
         check_arrays_match(ckpt, self.detector, self.path)
         meta = ckpt["meta"]
@@ -316,6 +341,7 @@ class _Run:
 
     def checkpoint(self, iteration: int) -> int:
         save_checkpoint(self.path, self.detector, self.optimizer, {
+            "detector": detector_kind(self.detector),
             "detector_config": self.detector.config.to_dict(), "train_config": asdict(self.config),
             "peak_lr": self.peak_lr, "iteration": iteration, "images_seen": self.images_seen,
             "rng_state": self.rng.bit_generator.state, "history": self.history,
@@ -343,6 +369,8 @@ class _Run:
                            ("box", parts["box"]), ("lr", lr), ("seconds", time.perf_counter() - tick),
                            ("images_seen", first + batch)):
             self.history[key].append(value)
+        for key in [k for k in parts if k not in ("cls", "box")]:  # the two-stage's per-stage parts
+            self.history.setdefault(key, []).append(parts[key])
         self.images_seen = first + batch
         self.done = iteration + 1  # the step is complete: from here on a Ctrl-C keeps it
         self._remember_step()
@@ -431,10 +459,10 @@ def evaluate_detector(detector: Detector, split: str = "test", n: int = 300, bat
     return metrics, detections, truths
 
 
-__all__ = ["BASE_BATCH", "BASE_LR", "CheckpointError", "TrainConfig", "TrainingDiverged",
-           "TrainingInterrupted", "check_arrays_match", "check_same_config", "detector_from_checkpoint",
-           "evaluate_detector", "load_checkpoint", "save_checkpoint", "schedule_changes", "train",
-           "weight_norms"]
+__all__ = ["BASE_BATCH", "BASE_LR", "CheckpointError", "DETECTORS", "TrainConfig", "TrainingDiverged",
+           "TrainingInterrupted", "check_arrays_match", "check_same_config", "check_same_kind",
+           "detector_from_checkpoint", "detector_kind", "evaluate_detector", "load_checkpoint",
+           "save_checkpoint", "schedule_changes", "train", "weight_norms"]
 
 
 # ---- one run: train, then evaluate (the CLI's demo/train jobs and minifpn.table1's runner) ------
@@ -446,7 +474,7 @@ def train_and_evaluate(detector: Detector, config: TrainConfig, run_dir: str, ev
     write the run's summary to ``run_dir``/metrics.json. Prints nothing but ``train``'s progress.
 
     Returns (summary, history, detections, truths): summary is the dict in metrics.json
-    (setting, metrics, iterations, images_seen, stopped_by_time_limit, seconds, test_scenes,
+    (setting, detector, metrics, iterations, images_seen, stopped_by_time_limit, seconds, test_scenes,
     detector_config); history is ``train``'s; detections and truths are ``evaluate_detector``'s."""
     start = time.perf_counter()
     history = train(detector, config, run_dir, resume=resume, progress=progress, time_limit=time_limit,
@@ -458,7 +486,8 @@ def train_and_evaluate(detector: Detector, config: TrainConfig, run_dir: str, ev
     steps = len(history["iteration"])
     # history["images_seen"] stays right across a resume with another batch size
     images_seen = history["images_seen"][-1] if history.get("images_seen") else steps * config.batch_size
-    summary = {"setting": detector.config.setting, "metrics": metrics,
+    summary = {"setting": detector.config.setting, "detector": detector_kind(detector),
+               "metrics": metrics,
                "iterations": steps, "images_seen": images_seen,
                "stopped_by_time_limit": steps < config.iterations,  # train() stops early only then
                "train_seconds": round(train_seconds, 1),

@@ -3,6 +3,8 @@ from .fpn import FPN, VARIANTS, LastLevelMaxPool, LastLevelP6P7
 from .pooler import RoIPooler
 from .resnet import BasicBlock, ResNet, resnet18, resnet_small
 from .roi_head import FastRCNNHead, fast_rcnn_loss, fast_rcnn_loss_backward
+from .two_stage import PyramidRPN, TwoStageConfig, TwoStageDetector
 
 __all__ = ["FPN", "VARIANTS", "LastLevelMaxPool", "LastLevelP6P7", "BasicBlock", "ResNet", "resnet18",
-           "resnet_small", "FastRCNNHead", "fast_rcnn_loss", "fast_rcnn_loss_backward", "RoIPooler"]
+           "resnet_small", "FastRCNNHead", "fast_rcnn_loss", "fast_rcnn_loss_backward", "RoIPooler",
+           "PyramidRPN", "TwoStageConfig", "TwoStageDetector"]
