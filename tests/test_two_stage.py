@@ -261,6 +261,10 @@ def test_checkpoint_round_trip_rebuilds_the_two_stage_detector(tmp_path):
     with pytest.raises(CheckpointError, match="holds a two_stage detector, not a one_stage one"):
         train(Detector(widths=(4, 4, 4, 4), channels=4), TrainConfig(iterations=3, batch_size=2),
               str(tmp_path), resume=True, progress=False)
+    resumed = train(again, TrainConfig(iterations=3, batch_size=2, checkpoint_every=2), str(tmp_path),
+                    resume=True, progress=False, allow_changes=True)
+    assert resumed["iteration"] == [1, 2, 3] and len(resumed["rcnn_box"]) == 3
+    assert resumed["rpn_cls"][:2] == history["rpn_cls"]
 
 
 # ---- configuration and bad input -------------------------------------------------------------

@@ -44,11 +44,11 @@ class TwoStageConfig(DetectorConfig):
     K = 1), plus the second stage's settings. Saved with every checkpoint.
 
     Proposals per image, for 128 x 128 scenes of 1-5 digits (T = 4,092 anchors on P2..P6):
-    ``pre_nms_top_n`` per level caps only P2's 3,072 anchors; NMS at 0.7 then leaves a few
-    hundred boxes. Training keeps 300: ``rois_per_image`` = 128 are sampled from them and the
-    ground-truth boxes, so 300 leave the sampler a choice of background. Testing keeps 100, 20
-    or more per digit (the paper keeps 1,000 for COCO's ~7 objects per image, about 140 each):
-    a digit is rarely missed by the top 100, and each proposal costs RoIAlign and fc6 time.
+    ``pre_nms_top_n`` per level caps only P2's 3,072 anchors; NMS at 0.7 then thins the rest.
+    Training keeps 300: ``rois_per_image`` = 128 are sampled from them and the ground-truth
+    boxes, so 300 leave the sampler a choice of background. Testing keeps 100, 20 or more per
+    digit (the paper keeps 1,000 for COCO's ~7 objects per image, about 140 each), since every
+    proposal costs RoIAlign and fc6 time.
     """
 
     pooling: str = "pyramid"  # "pyramid": Eq. (1) over P2..P5; "p2": every RoI from P2
