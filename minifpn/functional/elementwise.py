@@ -18,9 +18,12 @@ def relu_backward(dout, cache):
 
     Returns a new array; ``dout`` is never changed in place, since a residual or FPN add
     may hand the same ``dout`` to another branch too.
+    A product with the 0/1 mask, not ``xp.where``: the same numbers for any finite ``dout``, and
+    on the CPU about 15 times faster, since ``where`` branches on each entry of a mask that is
+    half ones at random (docs/performance.md). A NaN or infinite ``dout`` would leave NaN where
+    PyTorch leaves 0; training stops at the non-finite loss before that can happen.
     """
-    xp = get_array_module(dout)
-    return xp.where(cache, dout, 0).astype(dout.dtype, copy=False)
+    return dout * cache
 
 
 def add(a, b):
