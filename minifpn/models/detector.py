@@ -154,6 +154,13 @@ class Detector(Module):
 
     def backward(self):
         """Backpropagate the last ``loss`` into every parameter's ``.grad``; returns d images."""
+        return self.features_backward(self.head_backward())
+
+    def head_backward(self):
+        """The last ``loss``'s gradient through the head only: returns the gradients of the maps
+        the head ran on, [dP2, ..., dP6] (each (N, d, H_k, W_k)), and adds the head's parameter
+        gradients. A second stage that reads the same maps adds its own before
+        ``features_backward`` (``TwoStageDetector``)."""
         logits_shape, deltas_shape, cls_index, box_index, cls_cache, box_cache, sizes = \
             self._need_cache(self._loss_cache, "loss")
         xp = get_array_module(cls_index)
@@ -171,7 +178,7 @@ class Detector(Module):
             d_logits_l.append(_unflatten(d_logits[:, start:end], h, w))
             d_deltas_l.append(_unflatten(d_deltas[:, start:end], h, w))
             start = end
-        return self.features_backward(self.head.backward(d_logits_l, d_deltas_l))
+        return self.head.backward(d_logits_l, d_deltas_l)
 
     # ---- inference --------------------------------------------------------------------------
     def predict(self, images, score_threshold: float = 0.05, nms_iou: float = 0.5,

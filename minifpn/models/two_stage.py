@@ -94,8 +94,8 @@ class PyramidRPN(Detector):
         ``forward(images)``: the network up to the head, without a loss;
         ``maps``, ``outputs``: the maps P2..P6 and the head's per-anchor outputs of the last
             forward (also the one inside ``loss``), from which ``proposals`` are made;
-        ``head_backward()``: the last RPN loss's gradient on P2..P6, stopping before the FPN, so
-            that another gradient on the maps can join it before ``features_backward``.
+        (``Detector.head_backward`` gives the last RPN loss's gradient on P2..P6, stopping
+        before the FPN, so that Fast R-CNN's gradient on the maps can join it.)
     """
 
     def __init__(self, config: DetectorConfig, dtype=DEFAULT_DTYPE):
@@ -104,7 +104,6 @@ class PyramidRPN(Detector):
                              f"got num_classes = {config.num_classes}")
         super().__init__(config, dtype)
         self.maps = self.outputs = self.image_size = None  # set by every forward
-        self._stop_at_maps = False  # True inside head_backward
 
     def features(self, images, *args, **kwargs):
         """``Detector.features``, remembering the maps P2..P6 for the second stage."""
@@ -132,21 +131,6 @@ class PyramidRPN(Detector):
         logits, deltas, anchors_l, _ = self.outputs
         return rpn_proposals(logits, deltas, anchors_l, self.image_size, pre_nms_top_n,
                              post_nms_top_n, nms_iou)
-
-    def head_backward(self):
-        """The last ``loss``'s gradient on the head's input maps, [dP2, ..., dP6], each
-        (N, d, H_k, W_k); the head's parameter gradients are added to their ``.grad``."""
-        self._stop_at_maps = True
-        try:
-            return super().backward()  # Detector.backward, whose last step features_backward is
-        finally:  # replaced, below, by handing the maps' gradient back
-            self._stop_at_maps = False
-
-    def features_backward(self, d_maps):
-        """Gradients on P2..P6 -> the images' gradient, through the FPN and the backbone."""
-        if self._stop_at_maps:
-            return d_maps
-        return super().features_backward(d_maps)
 
 
 def rpn_proposals(logits, deltas, anchors_per_level, image_size, pre_nms_top_n: int = 1000,
