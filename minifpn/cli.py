@@ -183,6 +183,19 @@ def validate(args, error) -> None:
     _validate_paths(args, error)
 
 
+def _validate_detector_options(args, error) -> None:
+    """train's --detector and the options that only its two_stage detector takes."""
+    if args.detector != "two_stage":
+        for flag in ("pooling", "rois_per_image"):
+            if getattr(args, flag) is not None:
+                error(f"--{flag.replace('_', '-')} applies only with --detector two_stage")
+        return
+    from .models.two_stage import RPN_SETTINGS
+    if args.setting not in RPN_SETTINGS:
+        error(f"--detector two_stage pools its RoIs from P2..P5: --setting must be one of "
+              f"{', '.join(RPN_SETTINGS)}, got {args.setting}")
+
+
 def _validate_options(args, error) -> None:
     """Options that must agree with each other, and a backend that must be installed."""
     if getattr(args, "negative_iou", None) is not None and args.negative_iou >= args.positive_iou:
@@ -193,11 +206,8 @@ def _validate_options(args, error) -> None:
         error("--seed and --seeds: give one of them")
     if getattr(args, "allow_changes", False) and not args.resume:
         error("--allow-changes only applies with --resume")
-    if args.job == "train" and args.detector == "two_stage":
-        from .models.two_stage import RPN_SETTINGS
-        if args.setting not in RPN_SETTINGS:
-            error(f"--detector two_stage pools its RoIs from P2..P5: --setting must be one of "
-                  f"{', '.join(RPN_SETTINGS)}, got {args.setting}")
+    if args.job == "train":
+        _validate_detector_options(args, error)
     if args.backend != "numpy":
         from .backend import BackendError, get_backend
         try:
@@ -307,14 +317,16 @@ def _detector_config(args):
     """The detector's config from the options: a TwoStageConfig for ``--detector two_stage``
     (the same options then shape its backbone, FPN and RPN; --num-classes counts Fast R-CNN's
     classes), else a DetectorConfig."""
-    config = DetectorConfig
+    config, second_stage = DetectorConfig, {}
     if getattr(args, "detector", "one_stage") == "two_stage":
         from .models.two_stage import TwoStageConfig as config
+        second_stage = {k: getattr(args, k) for k in ("pooling", "rois_per_image")
+                        if getattr(args, k, None) is not None}
     return config(setting=args.setting, channels=args.channels,
                   num_classes=args.num_classes, widths=args.widths, seed=args.seed,
                   anchors_per_image=args.anchors_per_image,
                   positive_fraction=args.positive_fraction,
-                  positive_iou=args.positive_iou, negative_iou=args.negative_iou)
+                  positive_iou=args.positive_iou, negative_iou=args.negative_iou, **second_stage)
 
 
 def _train_config(args):
@@ -600,6 +612,14 @@ def _train_job(job) -> None:
                    help="one_stage: the shared head on the pyramid (Table 1); two_stage: that head as "
                         "the paper's RPN (K = 1) and Fast R-CNN on its proposals, RoIs pooled from "
                         "P2..P5 by Eq. (1) (Sec. 4.2)")
+    from .models.two_stage import POOLINGS, TwoStageConfig
+    p.add_argument("--pooling", default=None, choices=list(POOLINGS),
+                   help=f"with --detector two_stage: pyramid pools each RoI from the level Eq. (1) "
+                        f"gives it, p2 pools every RoI from P2 (default: "
+                        f"{TwoStageConfig.pooling})")
+    p.add_argument("--rois-per-image", type=positive_int, default=None,
+                   help=f"with --detector two_stage: RoIs sampled per image for Fast R-CNN's loss "
+                        f"(default: {TwoStageConfig.rois_per_image})")
     p.add_argument("--resume", action="store_true", help="continue RUNS/NAME/checkpoint.npz")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept a different --lr, --batch-size, --iterations, --warmup "

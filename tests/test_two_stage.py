@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from minifpn import cli
 from minifpn.backend import to_numpy
 from minifpn.cli import main
 from minifpn.data import DigitScenes
@@ -315,6 +316,14 @@ CLI_TINY = ["--widths", "4,4,4,4", "--channels", "4", "--iterations", "2", "--ba
             "--eval-scenes", "2", "--quiet"]
 
 
+def test_cli_pooling_and_rois_per_image_reach_the_config():
+    args = cli.build_parser().parse_args(["train", "--detector", "two_stage", "--pooling", "p2",
+                                          "--rois-per-image", "64"])
+    config = cli._detector_config(args)
+    assert isinstance(config, TwoStageConfig) and (config.pooling, config.rois_per_image) == ("p2", 64)
+    assert TwoStageDetector(config).pooler.levels == (2,)
+
+
 def test_cli_trains_and_evaluates_a_two_stage_detector(tmp_path, capsys):
     res = subprocess.run([sys.executable, "-m", "minifpn.cli", "train", "--detector", "two_stage",
                           *CLI_TINY, "--runs", str(tmp_path), "--name", "t"],
@@ -343,6 +352,12 @@ def test_cli_trains_and_evaluates_a_two_stage_detector(tmp_path, capsys):
     (["train", "--detector", "two_stage", "--setting", "a"],
      "--detector two_stage pools its RoIs from P2..P5: --setting must be one of fpn, bottom_up, "
      "no_lateral, got c4"),
+    (["train", "--pooling", "p2"], "--pooling applies only with --detector two_stage"),
+    (["train", "--rois-per-image", "64"], "--rois-per-image applies only with --detector two_stage"),
+    (["train", "--detector", "two_stage", "--pooling", "c4"],
+     "argument --pooling: invalid choice: 'c4' (choose from 'pyramid', 'p2')"),
+    (["train", "--detector", "two_stage", "--rois-per-image", "0"],
+     "--rois-per-image must be a positive integer, got 0"),
 ])
 def test_bad_detector_option_is_one_line(argv, message, tmp_path, capsys):
     runs = tmp_path / "runs"
