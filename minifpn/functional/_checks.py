@@ -8,6 +8,8 @@ from ..backend import get_array_module
 
 def is_int(value) -> bool:
     """True for a Python int or a NumPy integer scalar (np.int64(2)); False for bools and floats."""
+    if type(value) is int:  # the common case, without the slower abstract-class check below
+        return True
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # np.bool_ is not Integral
 
 
@@ -27,6 +29,11 @@ def pair(value, name: str, op: str, minimum: int | None) -> tuple[int, int]:
 
     NumPy integer scalars count as ints; bools, floats and strings do not. Returns Python ints.
     """
+    if type(value) is int:  # the common cases first: every conv and pool call checks four pairs
+        value = (value, value)
+    if (type(value) is tuple and len(value) == 2 and type(value[0]) is int
+            and type(value[1]) is int and (minimum is None or min(value) >= minimum)):
+        return value
     given = value
     if is_int(value):
         value = (value, value)
@@ -66,7 +73,7 @@ def check_float(*arrays, op: str, names: tuple[str, ...]):
         if a.dtype.kind != "f":
             raise TypeError(f"{op}: {n} must be a floating-point array (float32 or float64), "
                             f"got dtype {a.dtype}")
-    dtypes = {str(a.dtype) for _, a in present}
+    dtypes = {a.dtype for _, a in present}
     if len(dtypes) > 1:
         listing = ", ".join(f"{n}={a.dtype}" for n, a in present)
         raise TypeError(f"{op}: all arrays must share one dtype, got {listing}; "
