@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from minifpn import functional as F
-from minifpn.backend import to_device, to_numpy
+from minifpn.backend import BackendError, to_device, to_numpy
 from minifpn.detection import ANCHOR_SIZES, map_levels
 from minifpn.gradcheck import check
 from minifpn.models import RoIPooler
@@ -217,6 +217,43 @@ def test_numpy_and_the_device_agree_bit_for_bit(backend, rng):
     dpooled = rng.standard_normal(pooled.shape).astype(np.float32)
     for ours, theirs in zip(device.backward(to_device(dpooled, backend)), host.backward(dpooled)):
         np.testing.assert_array_equal(to_numpy(ours), theirs)
+
+
+@pytest.fixture
+def stand_in():
+    import strict_cupy
+
+    from minifpn.backend import use_cupy_module
+    previous = use_cupy_module(strict_cupy)
+    yield strict_cupy
+    use_cupy_module(previous)
+
+
+@pytest.mark.parametrize("sampling_ratio,host_rois,syncs", [(2, False, 5), (2, True, 4),
+                                                            (-1, False, 9), (-1, True, 8)])
+def test_pooler_syncs(sampling_ratio, host_rois, syncs, stand_in, rng):
+    """Forward: one read of how many RoIs each level gets (none for host rois: Eq. (1) runs on
+    the host) and roi_align's one per level (two with an adaptive grid); backward: none. Host
+    rois with device maps give NumPy's values bit for bit."""
+    maps = pyramid(rng, 2, 3, 128, dtype=np.float32)
+    rois = rois_over_all_levels(rng, 2, 128, dtype=np.float32)  # RoIs on all four levels
+    dpooled = rng.standard_normal((len(rois), 3, 7, 7)).astype(np.float32)
+    pooler = RoIPooler(sampling_ratio=sampling_ratio)
+    stand_in.reset_sync_count()
+    pooled = pooler([to_device(m, "cupy") for m in maps], rois if host_rois else to_device(rois, "cupy"))
+    assert stand_in.sync_count() == syncs
+    grads = pooler.backward(to_device(dpooled, "cupy"))
+    assert stand_in.sync_count() == syncs
+    reference = RoIPooler(sampling_ratio=sampling_ratio)
+    np.testing.assert_array_equal(to_numpy(pooled), reference(maps, rois))
+    for ours, theirs in zip(grads, reference.backward(dpooled)):
+        np.testing.assert_array_equal(to_numpy(ours), theirs)
+
+
+def test_pooler_refuses_device_rois_with_host_maps(stand_in, rng):
+    maps = pyramid(rng, 1, 3, 64)
+    with pytest.raises(BackendError, match="two backends"):
+        RoIPooler()(maps, to_device(np.array([[0, 1.0, 1.0, 20.0, 20.0]]), "cupy"))
 
 
 def test_pooler_defaults_and_repr():

@@ -96,6 +96,34 @@ def test_a_large_adaptive_batch_equals_torchvision():
                                **TOLERANCES[np.float32])
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sampling_ratio", [2, -1])
+def test_many_rois_of_every_size_equal_torchvision(dtype, sampling_ratio):
+    """300 RoIs in random order, sides from half a pixel to beyond the map, and duplicates: they
+    are sorted by window size into several chunks of F.roi_align's CHUNK, each with its own
+    window, and the windows of one image overlap (the backward's sums)."""
+    from minifpn.functional.roi_align import CHUNK
+    torch, ops = torchvision_ops()
+    rng = np.random.default_rng(11)
+    features = rng.standard_normal((3, 5, 24, 20)).astype(dtype)
+    side = np.exp(rng.uniform(np.log(0.5), np.log(150.0), (300, 2)))
+    xy = rng.uniform(-20, 90, (300, 2))
+    boxes = np.concatenate([rng.integers(0, 3, (300, 1)), xy, xy + side], 1)
+    boxes[250:] = boxes[:50]  # the same RoI twice: the same cells, twice the gradient
+    boxes = boxes.astype(dtype)
+    out, cache = F.roi_align(features, boxes, 7, 0.25, sampling_ratio, True)
+    windows = [cells.shape[1:] for *_, cells in cache[4]]
+    assert len(windows) == -(-300 // CHUNK) and windows[0] < windows[-1]  # each chunk its own size
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    x = torch.tensor(features, requires_grad=True)
+    theirs = ops.roi_align(x, torch.tensor(boxes), 7, 0.25, sampling_ratio, True)
+    theirs.backward(torch.tensor(dout))
+    np.testing.assert_allclose(out, theirs.detach().numpy(), err_msg="out", **TOLERANCES[dtype])
+    np.testing.assert_allclose(F.roi_align_backward(dout, cache), x.grad.numpy(), err_msg="dfeatures",
+                               **TOLERANCES[dtype])
+
+
 # ---- every backend: the loop reference, the adjoint, central differences -------------------
 
 @pytest.mark.parametrize("aligned,sampling_ratio,spatial_scale", CASES[::2])
@@ -165,6 +193,30 @@ def test_samples_beyond_one_cell_outside_read_zero_and_the_edge_is_clamped(make)
     np.testing.assert_array_equal(to_numpy(out).ravel(), [1.0, 0.0])
     grad = to_numpy(F.roi_align_backward(make(np.ones((2, 1, 1, 1))), cache))[0, 0]
     assert grad[0].sum() == pytest.approx(1.0) and not grad[1:].any()  # all on row 0
+
+
+def test_an_rois_window_and_chunk_do_not_change_its_value(make, rng):
+    """An RoI pooled among CHUNK + 1 others, most of them larger (a larger window, another
+    chunk), equals the RoI pooled alone; its gradient lands on its own window's cells only."""
+    from minifpn.functional.roi_align import CHUNK
+    features = make(rng.standard_normal((2, 3, 16, 16)))
+    small = np.array([[1, 21.0, 30.0, 27.0, 33.0]])  # 6 x 3 px at scale 1/4: about 2 x 1 cells
+    xy = rng.uniform(0, 20, (CHUNK + 1, 2))
+    large = np.concatenate([np.zeros((CHUNK + 1, 1)), xy, xy + 40.0], 1)  # 10 x 10 cells, image 0
+    together, cache = F.roi_align(features, make(np.concatenate([large, small])), 3, 0.25, 2)
+    alone, cache_alone = F.roi_align(features, make(small), 3, 0.25, 2)
+    np.testing.assert_allclose(to_numpy(together)[-1], to_numpy(alone)[0], rtol=0, atol=1e-15)
+    # aligned, in cells: y from 7.0 to 7.75 (rows 7..8), x from 4.75 to 6.25 (columns 4..7)
+    assert [cells.shape[1:] for *_, cells in cache_alone[4]] == [(2, 4)]
+    dout = np.zeros(to_numpy(together).shape)
+    dout[-1] = 1.0
+    grad = to_numpy(F.roi_align_backward(make(dout), cache))
+    assert not grad[0].any() and grad[1].sum() == pytest.approx(3 * 3 * 3)  # all of it, on image 1
+    outside = np.ones((16, 16), dtype=bool)
+    outside[7:9, 4:8] = False
+    assert not grad[1][:, outside].any()
+    np.testing.assert_allclose(grad, to_numpy(F.roi_align_backward(make(dout[-1:]), cache_alone)),
+                               rtol=0, atol=1e-15)
 
 
 def test_the_padding_of_an_adaptive_grid_is_invisible(make, rng):
@@ -275,10 +327,26 @@ def test_the_stand_in_add_at_adds_every_repeated_index(cupy_stand_in):
         strict_cupy.add.at(np.zeros(3), np.array([0]), 1.0)
 
 
+def test_the_stand_in_counts_the_syncs_hidden_in_bincount_and_nonzero(cupy_stand_in):
+    """CuPy must read the device to size these outputs: bincount checks its input for negative
+    values and takes its maximum (two reads); nonzero and flatnonzero count the nonzeros (one)."""
+    import strict_cupy
+    x = to_device(np.array([0, 2, 2]), "cupy")
+    strict_cupy.reset_sync_count()
+    counts = strict_cupy.bincount(x, minlength=4)
+    assert strict_cupy.sync_count() == 2
+    where = strict_cupy.flatnonzero(x)
+    assert strict_cupy.sync_count() == 3
+    strict_cupy.nonzero(x)
+    assert strict_cupy.sync_count() == 4
+    np.testing.assert_array_equal(to_numpy(counts), [1, 0, 2, 0])
+    np.testing.assert_array_equal(to_numpy(where), [1, 2])
+
+
 @pytest.mark.parametrize("sampling_ratio,syncs", [(2, 1), (-1, 2)])
 def test_device_syncs(sampling_ratio, syncs, cupy_stand_in):
-    """Forward: one read for the batch-index check, one more for an adaptive grid's size (both
-    axes at once); backward: none."""
+    """Forward: one read for the validity flags and the chunks' window sizes together, one more
+    before it for an adaptive grid's size (both axes at once); backward: none."""
     import strict_cupy
     features = to_device(np.ones((2, 3, 8, 8)), "cupy")
     boxes = to_device(GOOD_BOXES, "cupy")

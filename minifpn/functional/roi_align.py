@@ -8,11 +8,14 @@ Glossary (N, C, H, W as in conv.py):
     OH, OW the output size, in bins;
     GH, GW the sample grid inside one bin: ``sampling_ratio`` when it is > 0, else
         GH = ceil(roi_height / OH) and GW = ceil(roi_width / OW), per RoI, in feature-map cells;
-    count = max(GH * GW, 1), the number of samples one bin averages.
+    count = max(GH * GW, 1), the number of samples one bin averages;
+    SH, SW the window: the block of cells that an RoI's samples read (its span), padded to the
+        largest span among the (up to CHUNK) RoIs it is computed with.
 A sample at (y, x) in feature-map cells reads 0 when y < -1, y > H, x < -1 or x > W; otherwise
 y and x are clamped to [0, H - 1] and [0, W - 1] and it reads the bilinear mix of its four
-neighbouring cells. The backward (a scatter-add of the bilinear weights) is derived in
-docs/derivations.md.
+neighbouring cells. The weights separate into a row part and a column part, so each RoI's
+output is A F B^T of its window F; this, and the backward (the transpose, then a scatter-add
+of the windows), is derived in docs/derivations.md.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import numbers
 
 from ..backend import get_array_module, to_numpy
 from ._checks import check_float, check_nchw, is_int, pair
+
+CHUNK = 64  # RoIs per batched matmul; sorted by window size, so each pads to windows like its own
 
 
 def _check_roi_align_args(features, boxes, output_size, spatial_scale, sampling_ratio, aligned, op):
@@ -42,17 +47,21 @@ def _check_roi_align_args(features, boxes, output_size, spatial_scale, sampling_
     return OH, OW
 
 
-def _check_rois(boxes, N: int, op: str) -> None:
-    """Require finite boxes whose batch index is an integer in [0, N - 1] (one device sync)."""
+def _invalid_rois(boxes, N: int):
+    """(K,) bool, on the device: True for a row whose batch index is not an integer in
+    [0, N - 1] or whose coordinates are not all finite. No sync: the caller reads it."""
     xp = get_array_module(boxes)
     index = boxes[:, 0]
-    bad = (~xp.isfinite(boxes).all(axis=1) | (index < 0) | (index > N - 1)
-           | (index != xp.floor(index)))
-    if bool(bad.any()):  # a device -> host synchronisation, one per call
-        row = int(xp.argmax(bad))
-        raise ValueError(f"{op}: boxes[{row}] = {to_numpy(boxes[row]).tolist()} is not a valid RoI: "
-                         f"its batch index must be an integer in [0, {N - 1}] (features hold {N} "
-                         f"images) and its coordinates finite")
+    return (~xp.isfinite(boxes).all(axis=1) | (index < 0) | (index > N - 1)
+            | (index != xp.floor(index)))
+
+
+def _refuse(boxes, bad, N: int, op: str):
+    """Raise for the first invalid RoI (bad: (K,) bool with at least one True)."""
+    row = int(get_array_module(bad).argmax(bad))
+    raise ValueError(f"{op}: boxes[{row}] = {to_numpy(boxes[row]).tolist()} is not a valid RoI: "
+                     f"its batch index must be an integer in [0, {N - 1}] (features hold {N} "
+                     f"images) and its coordinates finite")
 
 
 def _bins(start, end, pooled: int, sampling_ratio: int, aligned: bool):
@@ -86,7 +95,8 @@ def _axis_samples(start, bin_size, grid, G: int, pooled: int, size: int):
     G: the padded grid; pooled: OH (or OW); size: H (or W).
     Returns low, high: (K, pooled, G) int64 neighbouring rows (columns), in [0, size - 1];
     w_low, w_high: (K, pooled, G) their bilinear weights, 0 for a sample outside the map or past
-    its RoI's own grid (the padding up to G); and grid, for the count.
+    its RoI's own grid (the padding up to G); grid, for the count; and first, span: (K,) int64,
+    the first row (column) any used sample reads and how many rows from there they read (>= 1).
     """
     xp = get_array_module(start)
     adaptive = not is_int(grid)
@@ -105,22 +115,63 @@ def _axis_samples(start, bin_size, grid, G: int, pooled: int, size: int):
     frac = coord - low.astype(coord.dtype)
     w_low = xp.where(used, 1.0 - frac, 0.0).astype(coord.dtype, copy=False)
     w_high = xp.where(used, frac, 0.0).astype(coord.dtype, copy=False)
-    return low, high, w_low, w_high, grid
+    first = xp.where(used, low, size - 1).min(axis=(1, 2))  # unused samples (padding) do not count
+    span = xp.maximum(xp.where(used, high, 0).max(axis=(1, 2)) - first + 1, 1)
+    return low, high, w_low, w_high, grid, first, span
 
 
-def _corners(batch, y_axis, x_axis, H: int, W: int):
-    """The four bilinear corners of every sample, one at a time: (index, weight) pairs.
+def _chunks(boxes, bad, y_axis, x_axis, N: int, op: str):
+    """Split the RoIs into chunks of up to CHUNK with windows of similar size, and read each
+    chunk's window size (its largest span on each axis) with the validity flags, in one
+    device -> host transfer (an invalid RoI is refused there).
 
-    index: (K, OH, OW, GH, GW) int64, the row of the (N*H*W, C) feature matrix the corner reads;
-    weight: (K, OH, OW, GH, GW), the product of the row and column weights (0 for unused samples).
+    Returns a list of (index, SH, SW): index (R,) int64, the chunk's RoIs; SH, SW host ints.
     """
-    y_low, y_high, wy_low, wy_high, _ = y_axis
-    x_low, x_high, wx_low, wx_high, _ = x_axis
-    n = batch[:, None, None, None, None]
-    for y, wy in ((y_low, wy_low), (y_high, wy_high)):
-        for x, wx in ((x_low, wx_low), (x_high, wx_high)):
-            index = (n * H + y[:, :, None, :, None]) * W + x[:, None, :, None, :]
-            yield index, wy[:, :, None, :, None] * wx[:, None, :, None, :]
+    K = bad.shape[0]
+    if K == 0:
+        return []
+    xp = get_array_module(bad)
+    span_h, span_w = y_axis[6], x_axis[6]
+    order = xp.argsort(span_h * span_w, kind="stable")  # small windows first
+    count = -(-K // CHUNK)
+    spans = xp.ones((2, count * CHUNK), dtype=span_h.dtype)  # past the last RoI: span 1
+    spans[:, :K] = xp.stack([span_h[order], span_w[order]])
+    largest = spans.reshape(2, count, CHUNK).max(axis=2).reshape(-1)  # SH of each chunk, then SW
+    host = to_numpy(xp.concatenate([bad.any().reshape(1).astype(largest.dtype), largest])).tolist()
+    if host[0]:  # the one sync of a fixed grid
+        _refuse(boxes, bad, N, op)
+    return [(order[c * CHUNK:(c + 1) * CHUNK], int(host[1 + c]), int(host[1 + count + c]))
+            for c in range(count)]
+
+
+def _window_weights(axis, index, S: int, size: int):
+    """One axis of the bilinear weights of the RoIs ``index`` (R,), cut to windows of S cells.
+
+    axis: ``_axis_samples``' result; size: H (or W). Returns weights: (R, pooled, S), entry
+    [r, i, a] the summed weights that bin i's samples put on cell first_r + a (A, or B, of
+    docs/derivations.md, without the cells outside the window, where they are all 0); and
+    first: (R,) int64, the window's first cell, moved back where needed to keep it in the map.
+    """
+    low, high, w_low, w_high = (a[index] for a in axis[:4])  # (R, pooled, G)
+    xp = get_array_module(low)
+    first = xp.minimum(axis[5][index], size - S)  # S >= the RoI's span: still holds every sample
+    cells = xp.arange(S)
+    at_low = (low - first[:, None, None])[..., None] == cells  # (R, pooled, G, S): one-hot
+    at_high = (high - first[:, None, None])[..., None] == cells
+    weights = (at_low * w_low[..., None] + at_high * w_high[..., None]).sum(axis=2)
+    return weights, first
+
+
+def _chunk_windows(batch, y_axis, x_axis, index, SH: int, SW: int, H: int, W: int):
+    """A: (R, OH, SH), B: (R, OW, SW), and cells: (R, SH, SW) int64, the rows of the
+    (N*H*W, C) cell matrix that each RoI's window covers."""
+    xp = get_array_module(batch)
+    A, first_h = _window_weights(y_axis, index, SH, H)
+    B, first_w = _window_weights(x_axis, index, SW, W)
+    top = batch[index] * H + first_h  # (R,) the window's first row, counted over the batch
+    cells = ((top[:, None, None] + xp.arange(SH)[:, None]) * W
+             + first_w[:, None, None] + xp.arange(SW))
+    return A, B, cells
 
 
 def _count(y_axis, x_axis):
@@ -141,60 +192,74 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     cells per image pixel (1 / stride); sampling_ratio: GH = GW when > 0, adaptive when <= 0;
     aligned: shift the box by -0.5 cell so that a cell's centre is at its index + 0.5 (Detectron2),
     else torchvision's legacy RoIAlign (no shift, and every RoI at least 1 x 1 cell).
-    Returns out: (K, C, OH, OW) and a cache for ``roi_align_backward``. Vectorised over RoIs, bins
-    and samples: one gather per bilinear corner. An adaptive grid is padded to the largest GH x GW
-    of the batch (weight-0 samples), so one very large RoI makes every RoI pay for its grid.
+    Returns out: (K, C, OH, OW) and a cache for ``roi_align_backward``.
+
+    Separable: out_k = A_k F_k B_k^T per channel, with F_k the SH x SW window of cells that RoI
+    k's samples read, and A_k (OH, SH), B_k (OW, SW) the bilinear weights summed per bin (zero
+    padding included). The RoIs are sorted by window size and taken CHUNK at a time: per chunk
+    one gather of the windows and two batched matmuls, so a small RoI pays only for the windows
+    of RoIs like it. An adaptive grid is padded to the largest GH x GW of the batch (weight-0
+    samples). Device -> host syncs: one (the validity flags with every chunk's window size), two
+    with an adaptive grid (its size first).
     """
     OH, OW = _check_roi_align_args(features, boxes, output_size, spatial_scale, sampling_ratio,
                                    aligned, "roi_align")
     xp = get_array_module(features)
     N, C, H, W = features.shape
-    _check_rois(boxes, N, "roi_align")
+    bad = _invalid_rois(boxes, N)
+    safe = xp.where(bad[:, None], 0.0, boxes).astype(boxes.dtype, copy=False)  # harmless, until
+    # the read in _chunks refuses it
     scale = features.dtype.type(spatial_scale)  # in the features' dtype, as torchvision's kernel
     offset = 0.5 if aligned else 0.0
-    roi = boxes[:, 1:] * scale - offset  # (K, 4): x1, y1, x2, y2 in feature-map cells
-    batch = boxes[:, 0].astype(xp.int64)
+    roi = safe[:, 1:] * scale - offset  # (K, 4): x1, y1, x2, y2 in feature-map cells
+    batch = safe[:, 0].astype(xp.int64)
     bin_h, grid_h = _bins(roi[:, 1], roi[:, 3], OH, sampling_ratio, aligned)
     bin_w, grid_w = _bins(roi[:, 0], roi[:, 2], OW, sampling_ratio, aligned)
     GH, GW = _largest_grid(grid_h, grid_w)
     y_axis = _axis_samples(roi[:, 1], bin_h, grid_h, GH, OH, H)
     x_axis = _axis_samples(roi[:, 0], bin_w, grid_w, GW, OW, W)
     rows = features.transpose(0, 2, 3, 1).reshape(N * H * W, C)  # one row of C channels per cell
-    K, bins = boxes.shape[0], boxes.shape[0] * OH * OW
-    total = xp.zeros((bins, 1, C), dtype=features.dtype)
-    for index, weight in _corners(batch, y_axis, x_axis, H, W):
-        samples = index.shape[3] * index.shape[4]  # GH * GW
-        values = xp.take(rows, index.reshape(-1), axis=0).reshape(bins, samples, C)
-        total += xp.matmul(weight.reshape(bins, 1, samples), values)  # weighted sum over samples
-    total = total.reshape(K, OH, OW, C) / _count(y_axis, x_axis)
-    out = xp.ascontiguousarray(total.transpose(0, 3, 1, 2))
-    return out, (features.shape, batch, y_axis, x_axis)
+    total = xp.empty((boxes.shape[0], OH, OW, C), dtype=features.dtype)
+    chunks = []
+    for index, SH, SW in _chunks(boxes, bad, y_axis, x_axis, N, "roi_align"):
+        A, B, cells = _chunk_windows(batch, y_axis, x_axis, index, SH, SW, H, W)
+        window = xp.take(rows, cells.reshape(-1), axis=0).reshape(-1, SH, SW * C)  # F, all channels
+        bin_rows = xp.matmul(A, window).reshape(-1, OH, SW, C)  # A F: (R, OH, SW, C)
+        total[index] = xp.matmul(B[:, None], bin_rows)  # (A F) B^T: (R, OH, OW, C)
+        chunks.append((index, A, B, cells))
+    out = xp.ascontiguousarray((total / _count(y_axis, x_axis)).transpose(0, 3, 1, 2))
+    return out, (features.shape, batch, y_axis, x_axis, chunks)
 
 
 def roi_align_backward(dout, cache):
     """Gradient of ``roi_align`` with respect to the features only.
 
-    dout: (K, C, OH, OW) -> dfeatures: (N, C, H, W). Every sample sends dout / count, times each
-    corner's bilinear weight, back to the cell that corner read; xp.add.at accumulates, because
-    many samples (of one bin, of neighbouring bins, of overlapping RoIs) share cells.
+    dout: (K, C, OH, OW) -> dfeatures: (N, C, H, W). The transpose of the forward, per RoI and
+    channel: dF_k = A_k^T (dout_k / count) B_k, two batched matmuls per chunk; then every window
+    is added back onto the cells it was gathered from. The windows of one image's RoIs overlap,
+    so a (cell, channel) pair, numbered cell * C + channel, gets several terms: ``xp.add.at``
+    adds them all (unbuffered), where ``d[index] += values`` would keep only one. One call per
+    chunk, over its R * SH * SW * C window terms, not the 16 corner terms of every bin; on a
+    1-d float array NumPy's add.at is as fast as bincount (which would sum in float64) and, unlike
+    CuPy's bincount, needs no device sync.
     The boxes get no gradient: the RoIs are constants here, as in Faster R-CNN's "approximate
     joint training" (Ren et al., 2015), and as in torchvision, whose roi_align has none either.
     """
-    (N, C, H, W), batch, y_axis, x_axis = cache
+    (N, C, H, W), batch, y_axis, x_axis, chunks = cache
     K, OH, OW = batch.shape[0], y_axis[0].shape[1], x_axis[0].shape[1]
     if tuple(dout.shape) != (K, C, OH, OW):
         raise ValueError(f"roi_align_backward: expected dout of shape (K, C, OH, OW) = "
                          f"{(K, C, OH, OW)}, got {tuple(dout.shape)}")
     xp = get_array_module(dout)
-    share = (dout / _count(y_axis, x_axis))[:, :, :, :, None, None]  # (K, C, OH, OW, 1, 1)
-    corners = list(_corners(batch, y_axis, x_axis, H, W))
-    index = xp.concatenate([i.reshape(-1) for i, _ in corners])  # the four corners, one after another
-    weight = xp.stack([w for _, w in corners])  # (4, K, OH, OW, GH, GW), in the same order
-    d_maps = xp.zeros((C, N * H * W), dtype=dout.dtype)  # one flat map per channel
-    for c in range(C):  # NumPy's add.at is about 5x faster on 1-d arrays than on rows of C
-        # unbuffered: a cell hit several times gets every addition (d[index] += keeps one)
-        xp.add.at(d_maps[c], index, (weight * share[:, c]).reshape(-1))
-    return xp.ascontiguousarray(d_maps.reshape(C, N, H, W).transpose(1, 0, 2, 3))
+    share = (dout / _count(y_axis, x_axis)).transpose(0, 2, 3, 1)  # (K, OH, OW, C): the bin average's
+    d_rows = xp.zeros(N * H * W * C, dtype=dout.dtype)  # (cell, channel) pairs: cell * C + channel
+    for index, A, B, cells in chunks:
+        SH, SW = cells.shape[1:]
+        d_bin_rows = xp.matmul(B.transpose(0, 2, 1)[:, None], share[index])  # (R, OH, SW, C)
+        d_window = xp.matmul(A.transpose(0, 2, 1), d_bin_rows.reshape(-1, OH, SW * C))  # (R, SH, SW*C)
+        # unbuffered: a pair in several windows (overlapping RoIs of one image) gets every term
+        xp.add.at(d_rows, (cells[..., None] * C + xp.arange(C)).reshape(-1), d_window.reshape(-1))
+    return xp.ascontiguousarray(d_rows.reshape(N, H, W, C).transpose(0, 3, 1, 2))
 
 
 # ---- the reference: torchvision's CPU kernel, loop for loop -----------------------------------
@@ -220,7 +285,9 @@ def roi_align_simple(features, boxes, output_size, spatial_scale=1.0, sampling_r
     OH, OW = _check_roi_align_args(features, boxes, output_size, spatial_scale, sampling_ratio,
                                    aligned, "roi_align_simple")
     xp = get_array_module(features)
-    _check_rois(boxes, features.shape[0], "roi_align_simple")
+    bad = _invalid_rois(boxes, features.shape[0])
+    if bool(bad.any()):
+        _refuse(boxes, bad, features.shape[0], "roi_align_simple")
     out = xp.zeros((boxes.shape[0], features.shape[1], OH, OW), dtype=features.dtype)
     offset = 0.5 if aligned else 0.0
     for k, (n, x1, y1, x2, y2) in enumerate(to_numpy(boxes).tolist()):  # host floats

@@ -7,8 +7,10 @@ Glossary: K RoIs, rows (batch_index, x1, y1, x2, y2) in image pixels; level k ha
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 from .. import functional as F
-from ..backend import get_array_module
+from ..backend import backend_name, get_array_module, to_device, to_numpy
 from ..detection.levels import check_level_args, map_levels
 from ..functional._checks import check_float, check_nchw, is_int, pair
 from ..nn import Module
@@ -33,9 +35,14 @@ class RoIPooler(Module):
 
     forward(features, rois): features: a list of (N, C, H_k, W_k), one per level in ``levels``,
     finest first (P2, P3, P4, P5), each map half the size of the one before (rounded either way);
-    rois: (K, 5), same dtype and device -> pooled: (K, C, OH, OW), in the order of ``rois``.
+    rois: (K, 5), same dtype, on the maps' device or a host (NumPy) array, as the detector's
+    bookkeeping makes them -> pooled: (K, C, OH, OW), in the order of ``rois``.
     backward(dpooled (K, C, OH, OW)) -> a list of (N, C, H_k, W_k): each RoI's gradient goes to
     the map it was pooled from; a level that no RoI went to gets zeros.
+
+    Device -> host syncs per forward: one to read how many RoIs each level gets (none for host
+    rois: Eq. (1) then runs on the host), plus roi_align's one per level that pools any RoI
+    (two with an adaptive grid): 5 for P2..P5 with device rois, 4 with host rois. Backward: none.
 
     canonical_size = 32, not the paper's 224. The paper's 224 px is the ImageNet pre-training
     size for ~800-px images, whose P2..P5 anchors are 32..256 px. Our images are 128 px with
@@ -68,12 +75,16 @@ class RoIPooler(Module):
         self.cache = None  # (K, C, OH, OW) and, per level, (RoI indices, roi_align cache)
 
     def _check_features(self, features, rois):
+        """Check the maps and the RoIs; return the RoIs on the maps' device (host rois are copied
+        there: a host -> device copy, not a sync)."""
         if not isinstance(features, (list, tuple)) or len(features) != len(self.levels):
             count = len(features) if isinstance(features, (list, tuple)) else type(features).__name__
             raise ValueError(f"RoIPooler: expected a list of {len(self.levels)} feature maps, one per "
                              f"level {self.levels}, got {count}")
         for k, fmap in zip(self.levels, features):
             check_nchw(fmap, "RoIPooler", f"the P{k} map")
+        if backend_name(rois) == "numpy":  # the bookkeeping's host rois go with maps on any device
+            rois = to_device(rois, backend_name(features[0]))
         check_float(*features, rois, op="RoIPooler", names=(*(f"P{k}" for k in self.levels), "rois"))
         N, C = features[0].shape[:2]
         for k, fine, coarse in zip(self.levels[1:], features, features[1:]):
@@ -85,19 +96,30 @@ class RoIPooler(Module):
         if rois.ndim != 2 or rois.shape[1] != 5:
             raise ValueError(f"RoIPooler: expected rois of shape (K, 5), rows (batch_index, x1, y1, "
                              f"x2, y2), got shape {tuple(rois.shape)}")
+        return rois
 
-    def forward(self, features, rois):
-        """features: list of (N, C, H_k, W_k) per level; rois: (K, 5) -> (K, C, OH, OW)."""
-        self._check_features(features, rois)
+    def _sort_by_level(self, rois):
+        """order (K,) int64: the RoIs sorted by their Eq. (1) level (stable), on the rois' device;
+        and per level the (start, stop) of its RoIs in ``order``, as host ints (one read)."""
         xp = get_array_module(rois)
         assigned = map_levels(rois[:, 1:], self.levels[0], self.levels[-1], self.canonical_size,
                               self.canonical_level)  # (K,) the level of each RoI
+        order = xp.argsort(assigned, kind="stable")
+        levels = xp.arange(self.levels[0], self.levels[-1] + 1)[:, None]
+        counts = to_numpy((assigned == levels).sum(axis=1)).tolist()  # CuPy's bincount: 2 more syncs
+        return order, [(stop - n, stop) for n, stop in zip(counts, accumulate(counts))]
+
+    def forward(self, features, rois):
+        """features: list of (N, C, H_k, W_k) per level; rois: (K, 5) -> (K, C, OH, OW)."""
+        on_device = self._check_features(features, rois)
+        xp = get_array_module(on_device)
+        order, bounds = self._sort_by_level(rois)  # where the rois are: on the host, no sync
         K, C = rois.shape[0], features[0].shape[1]
         pooled = xp.zeros((K, C, *self.output_size), dtype=features[0].dtype)
         per_level = []
-        for k, fmap in zip(self.levels, features):
-            index = xp.flatnonzero(assigned == k)  # the RoIs Eq. (1) sends to level k
-            out, cache = F.roi_align(fmap, rois[index], self.output_size, 1.0 / 2 ** k,
+        for k, fmap, (start, stop) in zip(self.levels, features, bounds):
+            index = order[start:stop]  # the RoIs Eq. (1) sends to level k
+            out, cache = F.roi_align(fmap, on_device[index], self.output_size, 1.0 / 2 ** k,
                                      self.sampling_ratio, self.aligned)
             pooled[index] = out
             per_level.append((index, cache))

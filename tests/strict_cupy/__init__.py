@@ -9,6 +9,8 @@ module imitates what makes CuPy *strict*, which is what CPU-only code gets wrong
 - reductions stay on the device: ``x.sum()`` is a 0-d device array, not a Python float;
 - ``float(x)``, ``int(x)``, ``bool(x)``, ``x.item()``, ``x.tolist()``, ``x.get()`` and
   ``asnumpy(x)`` are the device -> host synchronisations: each is counted (``sync_count()``);
+  so are the ones hidden in CuPy's routines whose output size depends on the data:
+  ``nonzero`` and ``flatnonzero`` (one each) and ``bincount`` (two);
 - indexing accepts host integer arrays and lists (CuPy copies them to the device first), and
   host values may be assigned into device arrays (a host -> device copy, not a sync).
 
@@ -314,6 +316,23 @@ _FUNCTIONS = """
 """.split()
 for _name in _FUNCTIONS:
     globals()[_name] = _device_function(_name)
+
+
+def _syncing(name: str, syncs: int):
+    """``xp.name`` counting the synchronisations that CuPy's makes before it can size its output."""
+    device = globals()[name]
+
+    def wrapper(*args, **kwargs):
+        for _ in range(syncs):
+            _sync()
+        return device(*args, **kwargs)
+    wrapper.__name__ = name
+    return wrapper
+
+
+# CuPy's nonzero / flatnonzero read the count of nonzeros; bincount reads (x < 0).any() and x.max()
+for _name, _syncs_inside in (("nonzero", 1), ("flatnonzero", 1), ("bincount", 2)):
+    globals()[_name] = _syncing(_name, _syncs_inside)
 
 
 def _add_at(a, indices, b=None):
