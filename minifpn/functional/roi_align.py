@@ -206,9 +206,8 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
                                    aligned, "roi_align")
     xp = get_array_module(features)
     N, C, H, W = features.shape
-    bad = _invalid_rois(boxes, N)
-    safe = xp.where(bad[:, None], 0.0, boxes).astype(boxes.dtype, copy=False)  # harmless, until
-    # the read in _chunks refuses it
+    bad = _invalid_rois(boxes, N)  # read, and refused, with the window sizes in _chunks
+    safe = xp.where(bad[:, None], 0.0, boxes).astype(boxes.dtype, copy=False)  # harmless till then
     scale = features.dtype.type(spatial_scale)  # in the features' dtype, as torchvision's kernel
     offset = 0.5 if aligned else 0.0
     roi = safe[:, 1:] * scale - offset  # (K, 4): x1, y1, x2, y2 in feature-map cells
