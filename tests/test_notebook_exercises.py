@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import minifpn.functional as F
-from minifpn.detection import box_iou, match_anchors
+from minifpn.detection import box_iou, map_levels, match_anchors
 from minifpn.models import FPN
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -25,6 +25,12 @@ def _tiny_anchor_case():
     anchors = np.array([[0, 0, 8, 8], [4, 4, 12, 12], [20, 20, 28, 28]], dtype=np.float64)   # (A, 4)
     boxes = np.array([[1, 1, 9, 9]], dtype=np.float64)                                       # (G, 4)
     return anchors, boxes, 0.7, 0.3
+
+
+def _tiny_level_boxes():
+    # sides 4, 16 (exactly P3's lower edge), 16 a hair short, 40 and 128 px: P2, P3, P3, P4, P5
+    sides = np.array([4.0, 16.0, 16.0 * (1 - 1e-9), 40.0, 128.0])
+    return np.stack([0 * sides, 0 * sides, sides, sides], axis=1)  # (K, 4)
 
 
 def _tiny_pyramid_case():
@@ -51,6 +57,9 @@ EXERCISES = {
     },
     "05_anchors_and_matching.ipynb": {
         "my_match_anchors": _tiny_anchor_case,
+    },
+    "09_roialign_and_two_stage.ipynb": {
+        "my_map_levels": lambda: (_tiny_level_boxes(), 2, 5, 32, 4),
     },
 }
 
@@ -154,6 +163,17 @@ def test_tiny_solutions_give_the_library_values():
     expected = match_anchors(anchors, boxes, pos, neg)
     for got, want in zip(solved["my_match_anchors"](anchors, boxes, pos, neg), expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_level_solution_gives_the_library_values():
+    solved = namespace(USE_SOLUTIONS=True)
+    exec(source(exercise_cells("09_roialign_and_two_stage.ipynb")["my_map_levels"][1]), solved)
+    boxes = _tiny_level_boxes()
+    for setting in [(2, 5, 32, 4), (2, 5, 224, 4), (3, 6, 8, 3)]:
+        got = solved["my_map_levels"](boxes, *setting)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, map_levels(boxes, *setting))
+    np.testing.assert_array_equal(solved["my_map_levels"](boxes, 2, 5, 32, 4), [2, 3, 3, 4, 5])
 
 
 def test_top_down_solution_gives_the_library_values():
