@@ -52,6 +52,17 @@ BAD_VALUES = {
         (["train", "--time-limit", "nan"],
          "--time-limit must be a number of seconds >= 0 (0: no limit), got nan"),
     ],
+    "milestones": [
+        (["train", "--milestones", "0.9,0.75"],
+         "--milestones must be increasing fractions of the run in (0, 1], separated by commas (e.g. "
+         "0.75,0.9), got 0.9,0.75"),
+        (["demo", "--milestones", "0,0.5"],
+         "--milestones must be increasing fractions of the run in (0, 1], separated by commas (e.g. "
+         "0.75,0.9), got 0,0.5"),
+        (["train", "--milestones", "late"],
+         "--milestones must be increasing fractions of the run in (0, 1], separated by commas (e.g. "
+         "0.75,0.9), got late"),
+    ],
     "iou": [
         (["train", "--positive-iou", "0"], "--positive-iou must be an IoU in (0, 1], got 0"),
         (["train", "--positive-iou", "1.5"], "--positive-iou must be an IoU in (0, 1], got 1.5"),
@@ -195,7 +206,8 @@ def test_help_shows_every_default_and_list_formats():
     assert "0: no limit (default: 0)" in train
     assert "--allow-changes with --resume: accept a different --lr, --batch-size, --iterations" in train
     demo = " ".join(parser.jobs["demo"].format_help().split())
-    assert f"(default: {cli.DEMO_ITERATIONS})" in demo
+    assert f"(default: {cli.DEMO_ITERATIONS})" in demo and "(default: 0.85,0.95)" in demo
+    assert "--milestones F1,F2" in train and "(default: 0.75,0.9)" in train
     assert f"0: no limit (default: {cli.DEMO_TIME_LIMIT})" in demo
     assert "--time-limit 0 trains every step" in demo
     ablation = " ".join(parser.jobs["ablation"].format_help().split())
@@ -209,6 +221,7 @@ def test_defaults_come_from_the_config_dataclasses():
     demo = build_parser().parse_args(["demo"])
     assert cli._detector_config(demo) == DetectorConfig()
     assert (demo.iterations, demo.time_limit) == (cli.DEMO_ITERATIONS, cli.DEMO_TIME_LIMIT)
+    assert cli._train_config(demo).milestones == cli.DEMO_MILESTONES == (0.85, 0.95)
 
 
 # ---- the time limit, Ctrl-C, resume ---------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_reference_detector_reproduces_its_recorded_metrics(info, name):
 
 def test_reference_json_records_one_budget_the_command_and_trained_detectors(info):
     assert info["command"].startswith("minifpn reference") and info["seed"] == 0
-    assert info["iterations"] == info["train_config"]["iterations"] == 1600  # the demo's budget
+    assert info["iterations"] == info["train_config"]["iterations"] == 1600  # cli.REFERENCE_ITERATIONS
     assert info["batch_size"] == info["train_config"]["batch_size"] == 8
     assert (info["test_scenes"], info["quick_scenes"]) == (300, weights.QUICK_SCENES)
     assert sorted(info["detectors"]) == sorted(weights.NAMES)
