@@ -43,23 +43,6 @@ def blas_report(threads: int) -> str:
     return "\n".join(lines)
 
 
-def timeit(fn, repeats: int = 5, warmup: int = 1, min_time: float = 0.05) -> float:
-    """Median seconds of one call of ``fn``; each sample repeats fn until ``min_time`` passes."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        n, start = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time:
-                break
-        samples.append(elapsed / n)
-    return statistics.median(samples)
-
-
 def interleaved(fns: dict, samples: int = 5, warmup: int = 1, min_time: float = 0.05) -> dict:
     """{name: [seconds per call, one per sample]} for each function of ``fns``. Within a sample
     the functions take turns (each repeated until ``min_time`` passes), so a burst of load on a

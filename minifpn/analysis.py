@@ -80,9 +80,7 @@ def level_maps(detector, images) -> dict:
     (the bottom-up pathway) and, where the detector has a pyramid, its P2..P5 (P6 left out: the
     paper's P6 only subsamples P5). The detector runs in eval mode (BatchNorm's running stats)."""
     check_images(images, detector.config.in_channels)
-    was_training = detector.training
-    detector.eval()
-    try:
+    with detector.evaluating():
         c_maps = detector.backbone(images)
         maps = {f"C{i + 2}": (to_numpy(c), 2 ** (i + 2)) for i, c in enumerate(c_maps)}  # strides 4..32
         if hasattr(detector, "fpn"):
@@ -90,8 +88,6 @@ def level_maps(detector, images) -> dict:
             for name, stride, p in zip(detector.fpn.output_names, detector.fpn.strides, outputs):
                 if int(name[1:]) in detector.fpn.levels:
                     maps[name] = (to_numpy(p), stride)
-    finally:
-        detector.train(was_training)
     return maps
 
 

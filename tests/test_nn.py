@@ -182,3 +182,20 @@ def test_modules_match_torch_modules_by_name(rng):
         for name, value in theirs.state_dict().items():  # running statistics included
             np.testing.assert_allclose(ours.state_dict()[name], value.numpy(), rtol=1e-5,
                                        atol=1e-6, err_msg=name)
+
+
+def test_evaluating_runs_a_block_in_eval_mode_and_restores_the_mode():
+    from minifpn.nn import BatchNorm2d
+    bn = BatchNorm2d(2)
+    with bn.evaluating():
+        assert not bn.training
+    assert bn.training
+    bn.eval()
+    with pytest.raises(RuntimeError, match="inside"), bn.evaluating():
+        raise RuntimeError("inside")
+    assert not bn.training  # it was in eval mode before the block, and is again
+    bn.train()
+    with pytest.raises(RuntimeError), bn.evaluating():
+        assert not bn.training
+        raise RuntimeError("inside")
+    assert bn.training

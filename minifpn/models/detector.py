@@ -192,12 +192,8 @@ class Detector(Module):
         self._loss_cache = None  # predict overwrites the layers' caches: no backward of an old loss
         if images.shape[0] == 0:
             return []
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             logits, deltas, anchors_l, _ = self._head_outputs(images)
-        finally:
-            self.train(was_training)
         xp = get_array_module(logits)
         probs = xp.exp(logits - logits.max(axis=2, keepdims=True))  # softmax over K + 1 classes
         probs /= probs.sum(axis=2, keepdims=True)

@@ -308,15 +308,11 @@ class TwoStageDetector(Module):
         self._loss_cache = None  # predict overwrites the layers' caches: no backward of an old loss
         if images.shape[0] == 0:
             return []
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             self.rpn(images)
             proposals = self.rpn.proposals(c.pre_nms_top_n_test, c.post_nms_top_n_test, c.rpn_nms_iou)
             rois = rois_with_batch_index(proposals, self.rpn.maps[0].dtype, backend_name(images))
             cls_score, bbox_pred = self.roi_head(self._pool(rois))
-        finally:
-            self.train(was_training)
         self.proposals = proposals
         xp = get_array_module(cls_score)
         host = to_numpy(xp.concatenate([cls_score, bbox_pred], axis=1))  # one device read

@@ -15,6 +15,8 @@ Where forward takes or returns several things, backward mirrors it, and the clas
 """
 from __future__ import annotations
 
+import contextlib
+
 from ..backend import backend_name, get_array_module, to_device, to_numpy
 
 
@@ -126,6 +128,17 @@ class Module:
     def eval(self):
         """Evaluation mode (batch norm uses its running averages); returns self."""
         return self.train(False)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """``with module.evaluating():`` runs the block in evaluation mode and puts the mode
+        it had back afterwards, even when the block raises."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     def to(self, backend: str | None = None, dtype=None):
         """Move every parameter and buffer to ``backend`` ("numpy"/"cupy") and/or cast floats
