@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: thread control, the BLAS report, and a robust timer."""
+"""Shared benchmark helpers: thread control, the BLAS report, interleaved timing and ratios."""
 from __future__ import annotations
 
 import os
