@@ -43,16 +43,21 @@ def blas_report(threads: int) -> str:
     return "\n".join(lines)
 
 
-def interleaved(fns: dict, samples: int = 5, warmup: int = 1, min_time: float = 0.05) -> dict:
+def interleaved(fns: dict, samples: int = 5, warmup: int = 1, min_time: float = 0.2,
+                pause: float = 0.3) -> dict:
     """{name: [seconds per call, one per sample]} for each function of ``fns``. Within a sample
     the functions take turns (each repeated until ``min_time`` passes), so a burst of load on a
-    shared machine falls on all of them alike instead of on whichever ran during it."""
+    shared machine falls on all of them alike instead of on whichever ran during it. Before each
+    turn the process sleeps ``pause`` seconds: OpenBLAS's and PyTorch's worker threads keep
+    spinning for a while after their last call, and would otherwise take a core from the other
+    library's next turn (measured: a 2x slower PyTorch conv right after one of ours)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in fns}
     for _ in range(samples):
         for name, fn in fns.items():
+            time.sleep(pause)
             n, start = 0, time.perf_counter()
             while True:
                 fn()
