@@ -12,7 +12,7 @@ import argparse
 import statistics
 
 import numpy as np
-from common import blas_report, interleaved, ratio_summary, rng_array, setup_threads, table
+from common import blas_report, interleaved, ratio_cell, rng_array, setup_threads, table
 
 from minifpn import functional as F
 
@@ -76,25 +76,19 @@ def main():
             sums[key] = [a + b for a, b in zip(sums[key], times[key])]
         med = {key: statistics.median(times[key]) for key in keys}
         rows.append([label, f"{med['ours_f'] * 1e3:.2f}", f"{med.get('torch_f', nan) * 1e3:.2f}",
-                     _ratio(times, "f"), f"{med['ours_fb'] * 1e3:.2f}",
-                     f"{med.get('torch_fb', nan) * 1e3:.2f}", _ratio(times, "fb"),
+                     ratio_cell(times, "f"), f"{med['ours_fb'] * 1e3:.2f}",
+                     f"{med.get('torch_fb', nan) * 1e3:.2f}", ratio_cell(times, "fb"),
                      f"{flops / med['ours_f'] / 1e9:.1f}", f"{3 * flops / med['ours_fb'] / 1e9:.1f}"])
     med = {key: statistics.median(sums[key]) for key in keys}
     rows.append(["sum", f"{med['ours_f'] * 1e3:.2f}", f"{med.get('torch_f', nan) * 1e3:.2f}",
-                 _ratio(sums, "f"), f"{med['ours_fb'] * 1e3:.2f}",
-                 f"{med.get('torch_fb', nan) * 1e3:.2f}", _ratio(sums, "fb"), "", ""])
+                 ratio_cell(sums, "f"), f"{med['ours_fb'] * 1e3:.2f}",
+                 f"{med.get('torch_fb', nan) * 1e3:.2f}", ratio_cell(sums, "fb"), "", ""])
     print(table(rows, ["conv2d (float32)", "fwd ms", "torch ms", "ratio (spread)", "fwd+bwd ms",
                        "torch ms", "ratio (spread)", "fwd GFLOP/s", "f+b GFLOP/s"]))
     print(f"\nratio = ours / torch (1.00 is parity): the median of {args.samples} interleaved "
           "samples, and in brackets the lowest and highest; the sum's ratio is per sample over "
           "all shapes. f+b GFLOP/s counts 3x the forward's FLOPs.")
 
-
-def _ratio(times, which):
-    if f"torch_{which}" not in times:
-        return "-"
-    median, spread = ratio_summary(times[f"ours_{which}"], times[f"torch_{which}"])
-    return f"{median:.2f} ({spread})"
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import argparse
 import statistics
 
 import numpy as np
-from common import blas_report, interleaved, ratio_summary, rng_array, setup_threads, table
+from common import blas_report, interleaved, ratio_cell, rng_array, setup_threads, table
 
 from minifpn import functional as F
 from minifpn.detection import map_levels
@@ -150,15 +150,9 @@ def _row(label, times, keys):
     nan = float("nan")
     med = {key: statistics.median(times[key]) for key in keys}
     return [label, f"{med['ours_f'] * 1e3:.2f}", f"{med.get('torch_f', nan) * 1e3:.2f}",
-            _ratio(times, "f"), f"{med['ours_fb'] * 1e3:.2f}", f"{med.get('torch_fb', nan) * 1e3:.2f}",
-            _ratio(times, "fb")]
+            ratio_cell(times, "f"), f"{med['ours_fb'] * 1e3:.2f}", f"{med.get('torch_fb', nan) * 1e3:.2f}",
+            ratio_cell(times, "fb")]
 
-
-def _ratio(times, which):
-    if f"torch_{which}" not in times:
-        return "-"
-    median, spread = ratio_summary(times[f"ours_{which}"], times[f"torch_{which}"])
-    return f"{median:.2f} ({spread})"
 
 
 if __name__ == "__main__":

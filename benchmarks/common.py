@@ -75,6 +75,15 @@ def ratio_summary(ours: list, theirs: list) -> tuple[float, str]:
     return statistics.median(ratios), f"{ratios[0]:.2f}-{ratios[-1]:.2f}"
 
 
+def ratio_cell(times: dict, which: str) -> str:
+    """"median (min-max)" of ours/torch for ``times["ours_" + which]`` against
+    ``times["torch_" + which]``, or "-" when PyTorch was not timed."""
+    if f"torch_{which}" not in times:
+        return "-"
+    median, spread = ratio_summary(times[f"ours_{which}"], times[f"torch_{which}"])
+    return f"{median:.2f} ({spread})"
+
+
 def table(rows, header) -> str:
     rows = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -31,6 +31,15 @@ def backend(request):
 
 
 @pytest.fixture
+def stand_in():
+    """The strict stand-in served as the "cupy" backend for one test (for the tests that count
+    its device operations or synchronisations themselves)."""
+    previous = use_cupy_module(strict_cupy)
+    yield strict_cupy
+    use_cupy_module(previous)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)
 

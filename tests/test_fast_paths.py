@@ -10,7 +10,7 @@ import pytest
 import strict_cupy
 
 from minifpn import functional as F
-from minifpn.backend import to_device, to_numpy, use_cupy_module
+from minifpn.backend import to_device, to_numpy
 from minifpn.functional.conv import conv2d_input_grad
 from minifpn.models.detector import Detector, DetectorConfig
 from minifpn.nn.module import Parameter
@@ -124,13 +124,6 @@ def test_sgd_load_state_dict_checks_names_and_shapes():
 
 
 # ---- device operations on the strict CuPy stand-in ---------------------------------------------
-
-@pytest.fixture
-def stand_in():
-    previous = use_cupy_module(strict_cupy)
-    yield strict_cupy
-    use_cupy_module(previous)
-
 
 def test_im2col_strided_is_one_copy_and_sgd_a_handful_of_operations(stand_in):
     x = to_device(np.ones((2, 3, 8, 8)), "cupy")

@@ -219,16 +219,6 @@ def test_numpy_and_the_device_agree_bit_for_bit(backend, rng):
         np.testing.assert_array_equal(to_numpy(ours), theirs)
 
 
-@pytest.fixture
-def stand_in():
-    import strict_cupy
-
-    from minifpn.backend import use_cupy_module
-    previous = use_cupy_module(strict_cupy)
-    yield strict_cupy
-    use_cupy_module(previous)
-
-
 @pytest.mark.parametrize("sampling_ratio,host_rois,syncs", [(2, False, 5), (2, True, 4),
                                                             (-1, False, 9), (-1, True, 8)])
 def test_pooler_syncs(sampling_ratio, host_rois, syncs, stand_in, rng):

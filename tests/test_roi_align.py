@@ -294,17 +294,7 @@ def test_bad_input_is_refused_with_words(features, boxes, kwargs, error, match, 
             op(make(features), make(boxes), **kwargs)
 
 
-@pytest.fixture
-def cupy_stand_in():
-    import strict_cupy
-
-    from minifpn.backend import use_cupy_module
-    previous = use_cupy_module(strict_cupy)
-    yield
-    use_cupy_module(previous)
-
-
-def test_backends_are_not_mixed_with_the_stand_in(cupy_stand_in):
+def test_backends_are_not_mixed_with_the_stand_in(stand_in):
     with pytest.raises(BackendError, match="two backends"):
         F.roi_align(GOOD_FEATURES, to_device(GOOD_BOXES, "cupy"), 2)
 
@@ -315,7 +305,7 @@ def test_backward_refuses_a_dout_of_another_shape():
         F.roi_align_backward(np.zeros((2, 3, 3, 2)), cache)
 
 
-def test_the_stand_in_add_at_adds_every_repeated_index(cupy_stand_in):
+def test_the_stand_in_add_at_adds_every_repeated_index(stand_in):
     import strict_cupy
     target = to_device(np.zeros((3, 2)), "cupy")
     strict_cupy.add.at(target, to_device(np.array([0, 2, 0]), "cupy"),
@@ -327,7 +317,7 @@ def test_the_stand_in_add_at_adds_every_repeated_index(cupy_stand_in):
         strict_cupy.add.at(np.zeros(3), np.array([0]), 1.0)
 
 
-def test_the_stand_in_counts_the_syncs_hidden_in_bincount_and_nonzero(cupy_stand_in):
+def test_the_stand_in_counts_the_syncs_hidden_in_bincount_and_nonzero(stand_in):
     """CuPy must read the device to size these outputs: bincount checks its input for negative
     values and takes its maximum (two reads); nonzero and flatnonzero count the nonzeros (one)."""
     import strict_cupy
@@ -344,7 +334,7 @@ def test_the_stand_in_counts_the_syncs_hidden_in_bincount_and_nonzero(cupy_stand
 
 
 @pytest.mark.parametrize("sampling_ratio,syncs", [(2, 1), (-1, 2)])
-def test_device_syncs(sampling_ratio, syncs, cupy_stand_in):
+def test_device_syncs(sampling_ratio, syncs, stand_in):
     """Forward: one read for the validity flags and the chunks' window sizes together, one more
     before it for an adaptive grid's size (both axes at once); backward: none."""
     import strict_cupy

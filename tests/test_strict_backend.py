@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import strict_cupy  # noqa: E402
 
 from minifpn import viz  # noqa: E402
-from minifpn.backend import backend_name, get_array_module, to_device, to_numpy, use_cupy_module  # noqa: E402
+from minifpn.backend import backend_name, get_array_module, to_device, to_numpy  # noqa: E402
 from minifpn.data import DigitScenes  # noqa: E402
 from minifpn.models import FPN, resnet_small  # noqa: E402
 from minifpn.models.detector import Detector, DetectorConfig  # noqa: E402
@@ -23,14 +23,6 @@ from minifpn.train import TrainConfig, load_checkpoint, train  # noqa: E402
 # the loss's two parts read together with the flags of the input checks (images finite, C2..C5
 # finite), and the batched finite check of the weights.
 SYNCS_PER_STEP = 2
-
-
-@pytest.fixture
-def stand_in():
-    """The strict stand-in served as the "cupy" backend for one test."""
-    previous = use_cupy_module(strict_cupy)
-    yield strict_cupy
-    use_cupy_module(previous)
 
 
 # ---- the stand-in is as strict as CuPy ---------------------------------------------------------
