@@ -634,7 +634,8 @@ def _train_job(job) -> None:
     from .models.two_stage import POOLINGS, TwoStageConfig
     p.add_argument("--pooling", default=None, choices=list(POOLINGS),
                    help=f"with --detector two_stage: pyramid pools each RoI from the level Eq. (1) "
-                        f"gives it, p2 pools every RoI from P2 (default: "
+                        f"gives it, p2 pools every RoI from P2, c4 from the backbone's C4, the "
+                        f"paper's single-scale baseline (default: "
                         f"{TwoStageConfig.pooling})")
     p.add_argument("--rois-per-image", type=positive_int, default=None,
                    help=f"with --detector two_stage: RoIs sampled per image for Fast R-CNN's loss "

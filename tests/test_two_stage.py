@@ -79,14 +79,16 @@ def test_loss_has_both_stages_and_backward_reaches_every_part(rng):
         assert np.abs(grads(det)[name]).max() > 0, f"{name} gets no gradient"
 
 
-def test_whole_two_stage_loss_gradient_with_fixed_proposals(rng):
+@pytest.mark.parametrize("pooling", ["pyramid", "c4"])
+def test_whole_two_stage_loss_gradient_with_fixed_proposals(pooling, rng):
     """Backbone + FPN + RPN + pooler + Fast R-CNN, float64, against central differences: every
     parameter along a random direction, a few small ones entry by entry, and the images. The
     proposals are held fixed (approximate joint training: their coordinates carry no gradient)
     and a fixed seed draws the same anchors and RoIs at every call. Both heads' output layers
     are drawn at std 0.3 (not 0.01, 0.001) so that their gradients stand well above the
-    loss's rounding."""
-    det = tiny()
+    loss's rounding. With pooling "c4" the RoIs are pooled from the backbone's C4, whose
+    gradient is then the FPN's plus Fast R-CNN's."""
+    det = tiny(pooling=pooling)
     head_rng = np.random.default_rng(5)
     for layer in (det.rpn.head.conv, det.rpn.head.cls_logits, det.rpn.head.bbox_pred,
                   det.roi_head.cls_score, det.roi_head.bbox_pred):
@@ -118,12 +120,13 @@ def test_whole_two_stage_loss_gradient_with_fixed_proposals(rng):
     assert max(errors.values()) < TOL, {k: v for k, v in errors.items() if v >= TOL}
 
 
-@pytest.mark.parametrize("pooling", ["pyramid", "p2"])
+@pytest.mark.parametrize("pooling", ["pyramid", "p2", "c4"])
 def test_the_gradient_is_the_rpns_plus_fast_rcnns_through_the_pooled_levels(pooling, rng):
     """The RPN head gets exactly the RPN's gradient; Fast R-CNN adds its own only where its RoIs
-    were pooled from: with pooling "p2", nothing of it reaches the P3..P5 output convs."""
+    were pooled from: with pooling "p2", nothing of it reaches the P3..P5 output convs; with
+    "c4", nothing of it reaches the FPN or the backbone's last stage (C5), which lie above C4."""
     det = tiny(pooling=pooling)
-    assert det.pooler.levels == ((2, 3, 4, 5) if pooling == "pyramid" else (2,))
+    assert det.pooler.levels == {"pyramid": (2, 3, 4, 5), "p2": (2,), "c4": (4,)}[pooling]
     images, boxes, labels = scene_batch(rng)
     det.loss(images, boxes, labels, np.random.default_rng(3))
     det.zero_grad()
@@ -136,6 +139,14 @@ def test_the_gradient_is_the_rpns_plus_fast_rcnns_through_the_pooled_levels(pool
     for name in ("head.conv.weight", "head.cls_logits.weight", "head.bbox_pred.bias"):
         np.testing.assert_array_equal(both[f"rpn.{name}"], rpn[f"rpn.{name}"])
     assert not any(rpn[name].any() for name in rpn if name.startswith("roi_head."))
+    if pooling == "c4":
+        above_c4 = [name for name in rpn if name.startswith(("rpn.fpn.", "rpn.backbone.layer4."))]
+        assert len(above_c4) > 8
+        for name in above_c4:
+            np.testing.assert_array_equal(both[name], rpn[name])
+        for name in ("rpn.backbone.layer3.0.conv1.weight", "rpn.backbone.conv1.weight"):
+            assert np.abs(both[name] - rpn[name]).max() > 1e-6, f"{name} misses Fast R-CNN's gradient"
+        return
     assert np.abs(both["rpn.fpn.layer_blocks.0.weight"] - rpn["rpn.fpn.layer_blocks.0.weight"]).max() > 1e-6
     coarser = [f"rpn.fpn.layer_blocks.{i}.weight" for i in (1, 2, 3)]
     if pooling == "p2":
@@ -282,7 +293,7 @@ def test_config_is_a_detector_config_plus_the_second_stage():
 @pytest.mark.parametrize("overrides, message", [
     ({"setting": "c4"}, r"setting must be one of \('fpn', 'bottom_up', 'no_lateral'\).*got 'c4'"),
     ({"setting": "p2_only"}, "setting must be one of"),
-    ({"pooling": "c4"}, r"pooling must be one of \('pyramid', 'p2'\), got 'c4'"),
+    ({"pooling": "c5"}, r"pooling must be one of \('pyramid', 'p2', 'c4'\), got 'c5'"),
     ({"post_nms_top_n_train": 0}, "post_nms_top_n_train must be >= 1, got 0"),
     ({"rois_per_image": 2.5}, "rois_per_image must be an int"),
     ({"rpn_nms_iou": 1.5}, r"rpn_nms_iou must be a number in \(0, 1\], got 1.5"),
@@ -354,8 +365,8 @@ def test_cli_trains_and_evaluates_a_two_stage_detector(tmp_path, capsys):
      "no_lateral, got c4"),
     (["train", "--pooling", "p2"], "--pooling applies only with --detector two_stage"),
     (["train", "--rois-per-image", "64"], "--rois-per-image applies only with --detector two_stage"),
-    (["train", "--detector", "two_stage", "--pooling", "c4"],
-     "argument --pooling: invalid choice: 'c4' (choose from 'pyramid', 'p2')"),
+    (["train", "--detector", "two_stage", "--pooling", "c5"],
+     "argument --pooling: invalid choice: 'c5' (choose from 'pyramid', 'p2', 'c4')"),
     (["train", "--detector", "two_stage", "--rois-per-image", "0"],
      "--rois-per-image must be a positive integer, got 0"),
 ])

@@ -67,10 +67,15 @@ class Detector(Module):
         if deferred is not None:
             xp = get_array_module(images)
             deferred.append((xp.isfinite(images).all(), lambda: check_images(images, c.in_channels)))
-        c2_to_c5 = self.backbone(images)
-        if c.setting == "c4":
+        return self.maps_from_backbone(self.backbone(images), deferred)
+
+    def maps_from_backbone(self, c2_to_c5, deferred: list | None = None):
+        """The bottom-up pathway's [C2, C3, C4, C5] -> the maps the head runs on: one of them
+        (settings "c4", "c5") or the FPN's [P2, ..., P6]. ``deferred`` as in ``features``."""
+        setting = self.config.setting
+        if setting == "c4":
             return [c2_to_c5[2]]
-        if c.setting == "c5":
+        if setting == "c5":
             return [c2_to_c5[3]]
         if deferred is not None:
             deferred.append((self.fpn.inputs_finite(c2_to_c5),

@@ -4,12 +4,13 @@ with approximate joint training (as torchvision's and Detectron's Faster R-CNN):
     stage 1, the RPN:  images -> backbone C2..C5 -> FPN P2..P6 -> shared head -> anchor loss;
                        its proposals: top-k objectness, decoded, clipped, NMS 0.7 (host arrays)
     stage 2, Fast R-CNN: proposals + ground truth -> sampled RoIs -> RoIAlign from the level
-                       Eq. (1) assigns (P2..P5) -> FastRCNNHead -> classification + box loss
+                       Eq. (1) assigns (P2..P5; or P2 alone, or the backbone's C4: the
+                       baselines) -> FastRCNNHead -> classification + box loss
     loss = rpn_cls + rpn_box + rcnn_cls + rcnn_box
 
 Both stages read the same pyramid (the paper's feature sharing), so ``backward`` adds Fast
 R-CNN's gradient on P2..P5 to the RPN head's on P2..P6 and then walks the FPN and the backbone
-back once. The proposal boxes are host arrays: no gradient flows through their coordinates.
+back once. (With pooling "c4" Fast R-CNN's gradient joins the FPN's on C4 instead.) The proposal boxes are host arrays: no gradient flows through their coordinates.
 
 Glossary: N images, T anchors per image (all levels), P_n proposals of image n, R sampled RoIs
 of the batch, C = d channels, OH = OW = pool_size (7), K classes (digits) plus background.
@@ -33,7 +34,8 @@ from .pooler import RoIPooler
 from .roi_head import FastRCNNHead, fast_rcnn_loss, fast_rcnn_loss_backward
 
 POOLINGS = {"pyramid": (2, 3, 4, 5),  # Eq. (1) picks one of P2..P5 per RoI (the paper's)
-            "p2": (2,)}  # every RoI from P2, the finest map
+            "p2": (2,),  # every RoI from P2, the finest map
+            "c4": (4,)}  # every RoI from the backbone's C4 (stride 16): Table 3's baseline
 RPN_SETTINGS = ("fpn", "bottom_up", "no_lateral")  # Table 1 settings whose FPN gives P2..P6
 
 
@@ -51,7 +53,8 @@ class TwoStageConfig(DetectorConfig):
     proposal costs RoIAlign and fc6 time.
     """
 
-    pooling: str = "pyramid"  # "pyramid": Eq. (1) over P2..P5; "p2": every RoI from P2
+    pooling: str = "pyramid"  # "pyramid": Eq. (1) over P2..P5; "p2": every RoI from P2;
+    # "c4": every RoI from the backbone's C4, no FPN map (the RPN still runs on P2..P6)
     pool_size: int = 7  # OH = OW of RoIAlign's output, the paper's 7 x 7
     sampling_ratio: int = 2  # RoIAlign samples per bin side, torchvision's Faster R-CNN
     hidden: int = 256  # width of fc6 and fc7 (FastRCNNHead explains 256 for d = 64)
@@ -94,6 +97,7 @@ class PyramidRPN(Detector):
         ``forward(images)``: the network up to the head, without a loss;
         ``maps``, ``outputs``: the maps P2..P6 and the head's per-anchor outputs of the last
             forward (also the one inside ``loss``), from which ``proposals`` are made;
+        ``bottom_up``: that forward's C2..C5, for a second stage that pools from C4;
         (``Detector.head_backward`` gives the last RPN loss's gradient on P2..P6, stopping
         before the FPN, so that Fast R-CNN's gradient on the maps can join it.)
     """
@@ -103,13 +107,18 @@ class PyramidRPN(Detector):
             raise ValueError(f"PyramidRPN: the RPN tells object from background, num_classes = 1; "
                              f"got num_classes = {config.num_classes}")
         super().__init__(config, dtype)
-        self.maps = self.outputs = self.image_size = None  # set by every forward
+        self.maps = self.outputs = self.image_size = self.bottom_up = None  # set by every forward
 
     def features(self, images, *args, **kwargs):
         """``Detector.features``, remembering the maps P2..P6 for the second stage."""
         self.maps = super().features(images, *args, **kwargs)
         self.image_size = tuple(images.shape[2:])
         return self.maps
+
+    def maps_from_backbone(self, c2_to_c5, *args, **kwargs):
+        """``Detector.maps_from_backbone``, remembering C2..C5 in ``bottom_up``."""
+        self.bottom_up = c2_to_c5
+        return super().maps_from_backbone(c2_to_c5, *args, **kwargs)
 
     def _head_outputs(self, images, *args, **kwargs):
         """``Detector._head_outputs``, remembering (logits, deltas, anchors, sizes)."""
@@ -199,9 +208,13 @@ class TwoStageDetector(Module):
     scores and labels per image, as ``Detector`` does, so ``minifpn.train`` runs it unchanged.
 
     Parts: ``rpn`` (a ``PyramidRPN``: backbone, FPN, RPN head), ``pooler`` (RoIAlign over the
-    levels of ``config.pooling``), ``roi_head`` (a ``FastRCNNHead``). The single-scale C4
-    baseline of the paper's Table 2 would pool from the backbone's C4 and train no FPN; it is
-    left out (its gradient would enter the backbone at C4, beside the FPN's).
+    levels of ``config.pooling``), ``roi_head`` (a ``FastRCNNHead``).
+
+    ``config.pooling`` picks the maps the RoIs are pooled from: "pyramid" (P2..P5 by Eq. (1),
+    the paper's), "p2" (P2 only) or "c4" (the backbone's C4, the single-scale baseline of the
+    paper's Table 3, with the same 2-fc head as the others rather than the paper's conv5 head,
+    so that only the features differ). The proposals come from the pyramid RPN in every case,
+    as in Table 3.
     """
 
     def __init__(self, config: TwoStageConfig | None = None, dtype=DEFAULT_DTYPE, **overrides):
@@ -211,7 +224,8 @@ class TwoStageDetector(Module):
             raise TypeError(f"TwoStageDetector: expected a TwoStageConfig, got {type(c).__name__}")
         self.rpn = PyramidRPN(c.rpn_config(), dtype)
         self.pooler = RoIPooler(POOLINGS[c.pooling], c.pool_size, c.sampling_ratio)
-        self.roi_head = FastRCNNHead(c.channels, c.pool_size, c.hidden, c.num_classes, dtype,
+        pooled_channels = c.widths[2] if c.pooling == "c4" else c.channels  # C4's, or d
+        self.roi_head = FastRCNNHead(pooled_channels, c.pool_size, c.hidden, c.num_classes, dtype,
                                      c.seed + 3)
         self.proposals = None  # the last loss's or predict's proposals, a list of host (P_n, 4)
         self._loss_cache = None  # set by loss, used by backward
@@ -230,7 +244,10 @@ class TwoStageDetector(Module):
         return self.rpn.features(images)
 
     def _pool(self, rois):
-        """rois (R, 5) on the maps' device -> pooled (R, d, OH, OW) from the last forward's maps."""
+        """rois (R, 5) on the maps' device -> pooled (R, C, OH, OW) from the last forward's maps:
+        P2..P5 (C = d), P2, or C4 (C = widths[2])."""
+        if self.config.pooling == "c4":
+            return self.pooler([self.rpn.bottom_up[2]], rois)
         return self.pooler(self.rpn.maps[:len(self.pooler.levels)], rois)
 
     # ---- training -------------------------------------------------------------------------
@@ -286,11 +303,16 @@ class TwoStageDetector(Module):
 
         Fast R-CNN's gradient goes through its head and the pooler onto P2..P5; the RPN head's
         gradient arrives on P2..P6 (P6 gets only the RPN's); the two are added map by map, and
-        the sum walks the FPN and the backbone back once."""
+        the sum walks the FPN and the backbone back once. With pooling "c4", Fast R-CNN's
+        gradient on C4 is added to the one the FPN sends there, before the backbone."""
         fast_rcnn_cache = self._need_cache(self._loss_cache, "loss")
         d_cls, d_box = fast_rcnn_loss_backward(fast_rcnn_cache)
-        d_pooled_maps = self.pooler.backward(self.roi_head.backward(d_cls, d_box))  # P2..P5
+        d_pooled_maps = self.pooler.backward(self.roi_head.backward(d_cls, d_box))  # P2..P5, or C4
         d_rpn_maps = self.rpn.head_backward()  # P2..P6
+        if self.config.pooling == "c4":
+            d_bottom_up = list(self.rpn.fpn.backward(d_rpn_maps))  # [dC2, dC3, dC4, dC5]
+            d_bottom_up[2] = d_bottom_up[2] + d_pooled_maps[0]  # C4 fed the FPN and the RoIs
+            return self.rpn.backbone.backward(d_bottom_up)
         d_maps = [d_rpn + d_pooled for d_rpn, d_pooled in zip(d_rpn_maps, d_pooled_maps)]
         d_maps += d_rpn_maps[len(d_pooled_maps):]  # the levels no RoI is pooled from: P6 (P3..P5)
         return self.rpn.features_backward(d_maps)
