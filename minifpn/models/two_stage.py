@@ -10,7 +10,8 @@ with approximate joint training (as torchvision's and Detectron's Faster R-CNN):
 
 Both stages read the same pyramid (the paper's feature sharing), so ``backward`` adds Fast
 R-CNN's gradient on P2..P5 to the RPN head's on P2..P6 and then walks the FPN and the backbone
-back once. (With pooling "c4" Fast R-CNN's gradient joins the FPN's on C4 instead.) The proposal boxes are host arrays: no gradient flows through their coordinates.
+back once. (With pooling "c4" Fast R-CNN's gradient joins the FPN's on C4 instead.) The
+proposal boxes are host arrays: no gradient flows through their coordinates.
 
 Glossary: N images, T anchors per image (all levels), P_n proposals of image n, R sampled RoIs
 of the batch, C = d channels, OH = OW = pool_size (7), K classes (digits) plus background.
