@@ -437,7 +437,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .data import SceneConfig
-    from .detection.metrics import format_metrics
+    from .detection.metrics import evaluate, format_metrics, without_labels
     from .train import CheckpointError, detector_from_checkpoint, detector_kind, evaluate_detector
 
     detector, ckpt = detector_from_checkpoint(args.checkpoint, args.backend)
@@ -446,11 +446,16 @@ def cmd_evaluate(args) -> int:
                               f"detector, not the {args.detector} one --detector asks for")
     # the split of the run's own seed, drawn as its training scenes were (distractors included)
     trained = ckpt["meta"].get("train_config", {})
-    metrics, _, _ = evaluate_detector(detector, args.split, args.scenes, seed=trained.get("seed", 0),
-                                      scene_config=SceneConfig(**trained.get("scenes", {})))
+    metrics, detections, truths = evaluate_detector(
+        detector, args.split, args.scenes, seed=trained.get("seed", 0),
+        scene_config=SceneConfig(**trained.get("scenes", {})))
+    scored = ""
+    if args.class_agnostic:  # found, whatever digit it was called
+        metrics, scored = evaluate(without_labels(detections), without_labels(truths), 1), \
+            ", class-agnostic"
     two_stage = " (two_stage)" if detector_kind(detector) == "two_stage" else ""
     print(f"{args.checkpoint}: setting {detector.config.setting}{two_stage}, trained "
-          f"{ckpt['meta']['iteration']} iterations; {args.split} split, {args.scenes} scenes:")
+          f"{ckpt['meta']['iteration']} iterations; {args.split} split, {args.scenes} scenes{scored}:")
     print(format_metrics(metrics))
     if args.json:
         print(json.dumps(metrics))
@@ -660,6 +665,9 @@ def _evaluate_job(job) -> None:
                    help="refuse a checkpoint that holds another detector (default: the detector the "
                         "checkpoint holds)")
     _backend_option(p)
+    p.add_argument("--class-agnostic", action="store_true",
+                   help="score the boxes with every digit's label ignored: how well the detector "
+                        "finds digits, apart from naming them")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.set_defaults(run=cmd_evaluate)
 

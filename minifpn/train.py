@@ -18,7 +18,7 @@ import numpy as np
 
 from .backend import default_rng, get_array_module, to_device, to_numpy
 from .data import DigitScenes, SceneConfig
-from .detection.metrics import evaluate
+from .detection.metrics import evaluate, without_labels
 from .models.detector import Detector, DetectorConfig
 from .models.two_stage import TwoStageConfig, TwoStageDetector
 from .optim import SGD, learning_rate
@@ -454,7 +454,7 @@ def evaluate_detector(detector: Detector, split: str = "test", n: int = 300, bat
         detections += detector.predict(to_device(images, backend))
         truths += [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
     if detector.config.num_classes == 1:  # an RPN: proposals are scored as "object" alone
-        truths = [{"boxes": t["boxes"], "labels": np.zeros_like(t["labels"])} for t in truths]
+        truths = without_labels(truths)
     metrics = evaluate(detections, truths, detector.config.num_classes)
     return metrics, detections, truths
 

@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from minifpn.cli import main
+from minifpn.detection.metrics import evaluate, without_labels
+from minifpn.train import detector_from_checkpoint, evaluate_detector
 
 
 def test_gradcheck_prints_a_table_with_every_check_passing(capsys):
@@ -66,6 +68,13 @@ def test_train_then_evaluate_a_checkpoint(tmp_path, capsys):
     assert main(["evaluate", str(run / "checkpoint.npz"), "--scenes", "4", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == summary["metrics"]  # the same detector on the same 4 test scenes
+    assert main(["evaluate", str(run / "checkpoint.npz"), "--scenes", "4", "--json",
+                 "--class-agnostic"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].endswith("test split, 4 scenes, class-agnostic:")
+    detector, _ = detector_from_checkpoint(str(run / "checkpoint.npz"))
+    _, detections, truths = evaluate_detector(detector, "test", 4)
+    assert json.loads(out[-1]) == evaluate(without_labels(detections), without_labels(truths), 1)
 
 
 def test_evaluate_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minifpn.detection.boxes import AREA_RANGES
-from minifpn.detection.metrics import evaluate, format_metrics
+from minifpn.detection.metrics import evaluate, format_metrics, without_labels
 
 KEYS = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
         "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large"]
@@ -98,6 +98,19 @@ def test_perfect_detections_score_one():
             for g in gts]
     m = evaluate(dets, gts, num_classes=4)
     assert m["AP"] == pytest.approx(1.0) and m["AR@100"] == pytest.approx(1.0)
+
+
+def test_without_labels_scores_finding_apart_from_naming():
+    """Every box found, every digit named wrong: AP 0 per class, AP 1 class-agnostic."""
+    rng = np.random.default_rng(4)
+    _, gts = synthetic_set(rng)
+    wrong = [{"boxes": g["boxes"], "labels": (g["labels"] + 1) % 4, "scores": np.ones(len(g["boxes"]))}
+             for g in gts]
+    assert evaluate(wrong, gts, num_classes=4)["AP"] == 0.0
+    agnostic = evaluate(without_labels(wrong), without_labels(gts), num_classes=1)
+    assert agnostic["AP"] == pytest.approx(1.0) and agnostic["AR@100"] == pytest.approx(1.0)
+    assert [d["labels"].tolist() for d in without_labels(wrong)] == [[0] * len(g["labels"]) for g in gts]
+    assert all((w["labels"] == (g["labels"] + 1) % 4).all() for w, g in zip(wrong, gts))  # unchanged
 
 
 def test_no_detections_anywhere_scores_zero_and_no_ground_truth_is_minus_one():
