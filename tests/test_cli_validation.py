@@ -207,6 +207,8 @@ def test_help_shows_every_default_and_list_formats():
     assert "--allow-changes with --resume: accept a different --lr, --batch-size, --iterations" in train
     demo = " ".join(parser.jobs["demo"].format_help().split())
     assert f"(default: {cli.DEMO_ITERATIONS})" in demo and "(default: 0.85,0.95)" in demo
+    assert f"--batch-size BATCH_SIZE scenes per step (default: {cli.DEMO_BATCH_SIZE})" in demo
+    assert "--batch-size BATCH_SIZE scenes per step (default: 8)" in train
     assert "--milestones F1,F2" in train and "(default: 0.75,0.9)" in train
     assert f"0: no limit (default: {cli.DEMO_TIME_LIMIT})" in demo
     assert "--time-limit 0 trains every step" in demo
@@ -222,6 +224,8 @@ def test_defaults_come_from_the_config_dataclasses():
     assert cli._detector_config(demo) == DetectorConfig()
     assert (demo.iterations, demo.time_limit) == (cli.DEMO_ITERATIONS, cli.DEMO_TIME_LIMIT)
     assert cli._train_config(demo).milestones == cli.DEMO_MILESTONES == (0.85, 0.95)
+    assert cli._train_config(demo).batch_size == cli.DEMO_BATCH_SIZE == 6
+    assert cli._train_config(demo).peak_lr() == pytest.approx(0.05 * 6 / 8)  # the linear scaling rule
 
 
 # ---- the time limit, Ctrl-C, resume ---------------------------------------------------------------
