@@ -19,7 +19,7 @@ from . import table1
 from .models.detector import DetectorConfig
 
 DEFAULTS = DetectorConfig()
-DEMO_ITERATIONS = 2600  # of DEMO_BATCH_SIZE scenes: about 215 s on 2 cores (docs/results.md)
+DEMO_ITERATIONS = 2600  # of DEMO_BATCH_SIZE scenes: 248 s on 2 cores on 2026-12-01 (docs/results.md)
 DEMO_BATCH_SIZE = 6  # the AP50 of 8 scenes per step from 11 % fewer images (docs/results.md)
 DEMO_MILESTONES = (0.85, 0.95)  # lr x0.1 later than train's default: naming digits is still improving
 DEMO_TIME_LIMIT = 600  # a guard, in seconds, not a budget: over 2x what the demo's steps take on 2 cores
