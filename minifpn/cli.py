@@ -17,6 +17,7 @@ import time
 
 from . import table1
 from .models.detector import DetectorConfig
+from .models.resnet import FREEZE_AT
 
 DEFAULTS = DetectorConfig()
 DEMO_ITERATIONS = 2600  # of DEMO_BATCH_SIZE scenes: 248 s on 2 cores on 2026-12-01 (docs/results.md)
@@ -125,6 +126,39 @@ def widths_list(text: str) -> tuple:
     return widths
 
 
+def blocks_list(text: str) -> tuple:
+    """BasicBlocks per ResNet stage "B2,B3,B4,B5" -> (B2, B3, B4, B5), four positive integers."""
+    try:
+        blocks = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        blocks = ()
+    if len(blocks) != 4 or min(blocks) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be 4 positive integers separated by commas (B2,B3,B4,B5), got {text}")
+    return blocks
+
+
+def freeze_at_value(text: str) -> int:
+    """How much of the backbone is frozen, as detectron2's FREEZE_AT: an integer 0..5."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 5:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer from 0 (nothing frozen) to 5 (the whole backbone), got {text}; "
+            f"2 freezes the stem and C2's stage, as the paper's codebases do")
+    return value
+
+
+def norm_name(text: str) -> str:
+    """The backbone's batch norm: "bn" (batch statistics) or "frozen_bn" (fixed)."""
+    if text not in ("bn", "frozen_bn"):
+        raise argparse.ArgumentTypeError(
+            f"must be bn (batch statistics) or frozen_bn (statistics and affine fixed), got {text}")
+    return text
+
+
 def setting_name(text: str) -> str:
     """A Table 1 setting, by name (fpn) or letter (c) -> its name."""
     try:
@@ -187,8 +221,10 @@ def _unwritable(folder: str) -> str | None:
 
 
 def _run_dir(args) -> str:
-    """Where a training job writes: RUNS/NAME (train: RUNS/SETTING without --name)."""
-    name = args.name or (args.setting if args.job == "train" else "")
+    """Where a training job writes: RUNS/NAME (train: RUNS/SETTING, pretrain: RUNS/pretrain_seedS
+    without --name)."""
+    default = {"train": getattr(args, "setting", ""), "pretrain": f"pretrain_seed{getattr(args, 'seed', 0)}"}
+    name = args.name or default.get(args.job, "")
     return os.path.join(args.runs, name)
 
 
@@ -224,12 +260,36 @@ def _validate_options(args, error) -> None:
         error("--allow-changes only applies with --resume")
     if args.job == "train":
         _validate_detector_options(args, error)
+    if hasattr(args, "pretrained"):
+        _validate_backbone_options(args, error)
     if args.backend != "numpy":
         from .backend import BackendError, get_backend
         try:
             get_backend(args.backend)
         except BackendError as e:
             error(f"--backend {args.backend} cannot be used: {e}")
+
+
+def _validate_backbone_options(args, error) -> None:
+    """--pretrained needs a shipped backbone of the run's architecture and seed(s); freezing and
+    frozen batch norm need --pretrained (without it they would fix random initial weights)."""
+    if not args.pretrained:
+        if args.freeze_at:
+            error(f"--freeze-at {args.freeze_at} freezes {FREEZE_AT[args.freeze_at]} at their random "
+                  f"initial weights: add --pretrained to start from the pre-trained backbone, or use "
+                  f"--freeze-at 0")
+        if args.norm == "frozen_bn":
+            error("--norm frozen_bn fixes batch norm at its initial statistics (mean 0, variance 1), "
+                  "which a backbone trained from scratch never had: add --pretrained, or use --norm bn")
+        return
+    from .weights import find_backbone
+    fields = {"in_channels": DEFAULTS.in_channels, "widths": getattr(args, "widths", DEFAULTS.widths),
+              "blocks": getattr(args, "blocks", DEFAULTS.blocks), "stem_kernel": DEFAULTS.stem_kernel}
+    for seed in getattr(args, "seeds", None) or [args.seed]:
+        try:
+            find_backbone(fields, seed)
+        except ValueError as e:
+            error("--pretrained" + str(e)[len("pretrained"):])
 
 
 def _validate_paths(args, error) -> None:
@@ -276,6 +336,8 @@ def _command(argv: list, drop=(), add=()) -> str:
 
 def _resume_command(args) -> str:
     """The ``minifpn train --resume ...`` line that continues the run ``args`` started."""
+    if args.job == "pretrain":
+        return _command(args.argv, drop=("--resume",), add=("--resume",))
     if args.job == "train":
         given = {token.split("=", 1)[0] for token in args.argv}
         name = [] if "--name" in given else ["--name", args.name or args.setting]
@@ -339,7 +401,8 @@ def _detector_config(args):
         second_stage = {k: getattr(args, k) for k in ("pooling", "rois_per_image")
                         if getattr(args, k, None) is not None}
     return config(setting=args.setting, channels=args.channels,
-                  num_classes=args.num_classes, widths=args.widths, seed=args.seed,
+                  num_classes=args.num_classes, widths=args.widths, blocks=args.blocks, seed=args.seed,
+                  pretrained=args.pretrained, freeze_at=args.freeze_at, norm=args.norm,
                   anchors_per_image=args.anchors_per_image,
                   positive_fraction=args.positive_fraction,
                   positive_iou=args.positive_iou, negative_iou=args.negative_iou, **second_stage)
@@ -548,7 +611,8 @@ def cmd_reference(args) -> int:
     try:
         make_reference(args.seed, args.iterations, args.batch_size, os.path.join(args.runs, args.name),
                        args.eval_scenes, args.out, command=_command(args.argv), progress=not args.quiet,
-                       jobs=args.jobs)
+                       jobs=args.jobs, backbone={"pretrained": args.pretrained,
+                                                 "freeze_at": args.freeze_at, "norm": args.norm})
     except TrainingInterrupted as e:  # no resume for this job: the files are written only at the end
         print(f"minifpn reference: interrupted at step {e.iteration}; {args.out} was not changed",
               file=sys.stderr)
@@ -557,7 +621,48 @@ def cmd_reference(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .models.classifier import ClassifierConfig
+    from .pretrain import pretrain, pretrain_config
+    from .weights import save_backbone
+
+    reason = _unwritable(args.out)
+    if reason:
+        print(f"minifpn pretrain: error: --out {args.out}: {reason}", file=sys.stderr)
+        return 2
+    config = ClassifierConfig(widths=args.widths, blocks=args.blocks, seed=args.seed)
+    train_config = pretrain_config(args.iterations, args.batch_size, args.lr, args.seed, args.warmup)
+    print(f"Pre-training the backbone as a digit classifier: {args.iterations} steps of "
+          f"{args.batch_size} images of the train digits of seed {args.seed}, then its accuracy on "
+          f"{args.val_digits} val digits.\n")
+    classifier, record = pretrain(config, train_config, _run_dir(args), args.val_digits,
+                                  progress=not args.quiet, resume=args.resume, backend=args.backend)
+    record["command"] = _command(args.argv)
+    path = save_backbone(classifier.to("numpy"), args.out, record)
+    a = record["val_accuracy"]
+    print(f"\nval accuracy {100 * a['all']:.1f} % ({a['count']['all']} digits): small "
+          + ", ".join(f"{b} {100 * a[b]:.1f} %" if a[b] is not None else f"{b} n/a"
+                      for b in ("small", "medium", "large")).removeprefix("small ")
+          + f"; trained in {record['train_seconds']:.0f} s")
+    print(f"wrote {path} and {os.path.join(args.out, 'backbones.json')}")
+    return 0
+
+
 # ---- the parser ------------------------------------------------------------------------------
+
+def _backbone_options(p) -> None:
+    """--pretrained, --freeze-at and --norm: the backbone trained from scratch (the defaults), or
+    fine-tuned from the pre-trained one as the paper does (--pretrained --freeze-at 2 --norm frozen_bn)."""
+    p.add_argument("--pretrained", action="store_true",
+                   help="start the backbone from the shipped digit classifier pre-trained on this seed's "
+                        "train digits (minifpn pretrain; minifpn/weights/backbones.json)")
+    p.add_argument("--freeze-at", type=freeze_at_value, default=DEFAULTS.freeze_at, metavar="N",
+                   help="freeze the bottom of the backbone, as detectron2: 0 nothing, 1 the stem, 2 the stem "
+                        "and C2's stage (the paper's), ..., 5 the whole backbone; needs --pretrained")
+    p.add_argument("--norm", type=norm_name, default=DEFAULTS.norm, metavar="{bn,frozen_bn}",
+                   help="the backbone's batch norm: bn (batch statistics) or frozen_bn (the pre-trained "
+                        "statistics and affine, fixed: the paper's); frozen_bn needs --pretrained")
+
 
 def _backend_option(p) -> None:
     from .backend import BACKENDS
@@ -585,6 +690,9 @@ def _training_options(p, iterations, time_limit=0, name=None, milestones=None, b
                    help="d: channels of the pyramid and head")
     p.add_argument("--widths", type=widths_list, default=",".join(map(str, DEFAULTS.widths)),
                    metavar="W2,W3,W4,W5", help="ResNet stage widths of C2..C5, comma-separated")
+    p.add_argument("--blocks", type=blocks_list, default=",".join(map(str, DEFAULTS.blocks)),
+                   metavar="B2,B3,B4,B5", help="BasicBlocks per ResNet stage, comma-separated")
+    _backbone_options(p)
     p.add_argument("--num-classes", type=positive_int, default=DEFAULTS.num_classes,
                    help="10: detect and name the digits; 1: the paper's RPN (object or not)")
     p.add_argument("--anchors-per-image", type=positive_int, default=DEFAULTS.anchors_per_image,
@@ -716,8 +824,41 @@ def _reference_job(job) -> None:
     p.add_argument("--name", default="reference", help="run name")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="train the two settings in this many processes at once (same results)")
+    _backbone_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_reference, backend="numpy")
+
+
+def _pretrain_job(job) -> None:
+    from .pretrain import PRETRAIN_BATCH_SIZE, PRETRAIN_ITERATIONS, PRETRAIN_LR, VAL_DIGITS
+    from .weights import FOLDER as WEIGHTS_FOLDER
+    p = job("pretrain", help="pre-train the backbone as a digit classifier (our ImageNet; a few minutes)",
+            description="Train the detectors' ResNet, with global average pooling of C5 and a linear "
+                        "layer, to name one digit per image (the scenes' sizes, places and texture), on "
+                        "the train split's source digits of --seed only; measure its accuracy on the val "
+                        "split's digits; write the backbone (and its classifier) to OUT/backbone_seedS.npz "
+                        "and its recipe, command, run time and accuracy to OUT/backbones.json, where "
+                        "`--pretrained` finds it. Checkpoints go to RUNS/NAME/checkpoint.npz.")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="the split pre-trained on (its train digits), the weights and the image order")
+    p.add_argument("--iterations", type=positive_int, default=PRETRAIN_ITERATIONS, help="training steps")
+    p.add_argument("--batch-size", type=positive_int, default=PRETRAIN_BATCH_SIZE, help="images per step")
+    p.add_argument("--lr", type=positive_float, default=PRETRAIN_LR, help="peak learning rate of SGD")
+    p.add_argument("--warmup", type=nonnegative_int, default=50, help="linear warm-up steps")
+    p.add_argument("--widths", type=widths_list, default=",".join(map(str, DEFAULTS.widths)),
+                   metavar="W2,W3,W4,W5", help="ResNet stage widths of C2..C5, comma-separated")
+    p.add_argument("--blocks", type=blocks_list, default=",".join(map(str, DEFAULTS.blocks)),
+                   metavar="B2,B3,B4,B5", help="BasicBlocks per ResNet stage, comma-separated")
+    p.add_argument("--val-digits", type=positive_int, default=VAL_DIGITS,
+                   help="val images (one digit each) to measure the accuracy on")
+    p.add_argument("--out", default=WEIGHTS_FOLDER, help="folder for the backbone and backbones.json")
+    p.add_argument("--runs", default="runs", help="folder for the training checkpoints")
+    p.add_argument("--name", default=None, help="run name: checkpoints go to RUNS/NAME/ (default: "
+                   "pretrain_seedS)")
+    p.add_argument("--resume", action="store_true", help="continue RUNS/NAME/checkpoint.npz")
+    _backend_option(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_pretrain)
 
 
 def _gradcheck_job(job) -> None:
@@ -766,7 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     for add_job in (_demo_job, _train_job, _evaluate_job, _ablation_job, _reference_job,
-                    _gradcheck_job, _probe_job):  # in the order of `minifpn --help`
+                    _pretrain_job, _gradcheck_job, _probe_job):  # in the order of `minifpn --help`
         add_job(job)
     return parser
 

@@ -19,20 +19,23 @@ import numpy as np
 from .backend import default_rng, get_array_module, to_device, to_numpy
 from .data import DigitScenes, SceneConfig
 from .detection.metrics import evaluate, without_labels
+from .models.classifier import ClassifierConfig, DigitClassifier
 from .models.detector import Detector, DetectorConfig
 from .models.two_stage import TwoStageConfig, TwoStageDetector
 from .optim import SGD, learning_rate
 
 CHECKPOINT_FORMAT = 1
 
-# The detectors train() runs, by the name a checkpoint's meta["detector"] records (checkpoints made
-# before the two-stage detector have no such entry: they hold a one-stage Detector).
-DETECTORS = {"one_stage": (Detector, DetectorConfig), "two_stage": (TwoStageDetector, TwoStageConfig)}
+# The models train() runs, by the name a checkpoint's meta["detector"] records (checkpoints made
+# before the two-stage detector have no such entry: they hold a one-stage Detector). The digit
+# classifier is what `minifpn pretrain` trains: a backbone for the detectors, not a detector.
+DETECTORS = {"one_stage": (Detector, DetectorConfig), "two_stage": (TwoStageDetector, TwoStageConfig),
+             "classifier": (DigitClassifier, ClassifierConfig)}
 
 
 def detector_kind(detector) -> str:
-    """The name in DETECTORS of ``detector``'s class: "one_stage" or "two_stage"."""
-    return "two_stage" if isinstance(detector, TwoStageDetector) else "one_stage"
+    """The name in DETECTORS of ``detector``'s class: "one_stage", "two_stage" or "classifier"."""
+    return detector.kind
 
 # The linear scaling rule (Goyal et al. 2017, as Detectron): the peak learning rate is BASE_LR per
 # BASE_BATCH images, so lr = BASE_LR * batch_size / BASE_BATCH. 0.05 was tuned at batch 8.
@@ -141,10 +144,14 @@ def load_checkpoint(path) -> dict:
 
 
 def check_same_config(checkpoint_config: dict, detector: Detector, path) -> None:
-    """Refuse weights made for another detector, naming the settings that differ."""
+    """Refuse weights made for another detector, naming the settings that differ (pretrained,
+    freeze_at and norm among them: a resume may not change how the backbone trains)."""
     ours = json.loads(json.dumps(detector.config.to_dict()))  # tuples -> lists, as saved
-    diffs = [f"{k}: checkpoint {checkpoint_config.get(k)!r} vs detector {ours[k]!r}"
-             for k in ours if checkpoint_config.get(k) != ours[k]]
+    # a field this checkpoint predates had its default then (pretrained, freeze_at, norm: 2026-12)
+    defaults = json.loads(json.dumps(type(detector.config)().to_dict()))
+    stored = {k: checkpoint_config.get(k, defaults.get(k)) for k in ours}
+    diffs = [f"{k}: checkpoint {stored[k]!r} vs detector {ours[k]!r}"
+             for k in ours if stored[k] != ours[k]]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was made for another configuration: "
                               + "; ".join(diffs))
@@ -153,9 +160,10 @@ def check_same_config(checkpoint_config: dict, detector: Detector, path) -> None
 def check_arrays_match(ckpt: dict, detector: Detector, path) -> None:
     """Refuse a checkpoint whose arrays disagree with the configuration stored beside them (a
     hand-edited or foreign file), naming the missing, unexpected and misshapen arrays."""
-    c = detector.config
-    described = (f"its configuration (setting={c.setting!r}, widths={c.widths}, blocks={c.blocks}, "
-                 f"channels={c.channels}, num_classes={c.num_classes}, in_channels={c.in_channels})")
+    c = detector.config.to_dict()
+    described = "its configuration (" + ", ".join(
+        f"{k}={c[k]!r}" for k in ("setting", "widths", "blocks", "channels", "num_classes", "in_channels")
+        if k in c) + ")"
     expected = {name: tuple(a.shape) for name, a in detector.state_dict().items()}
     params = {name: tuple(p.shape) for name, p in detector.named_parameters()}
     problems = [f"array {k} is missing" for k in expected if k not in ckpt["model"]]
@@ -195,6 +203,17 @@ def detector_from_checkpoint(path, backend: str = "numpy"):
     check_arrays_match(ckpt, detector, path)
     detector.load_state_dict(ckpt["model"])
     return detector.to(backend), ckpt
+
+
+def check_pretraining_split(detector, config: TrainConfig) -> None:
+    """A detector that starts from a pre-trained backbone must train (and be tested) on the split
+    of the seed that backbone was pre-trained for: another seed's test digits include train
+    digits of the backbone's seed, which it has learnt to name."""
+    c = detector.config
+    if getattr(c, "pretrained", False) and c.seed != config.seed:
+        raise ValueError(f"the detector's backbone was pre-trained on the train digits of seed "
+                         f"{c.seed}, but training draws the scenes of seed {config.seed}, whose test "
+                         f"digits that backbone may have seen; use the same seed for both")
 
 
 def schedule_changes(stored: dict, config: TrainConfig) -> dict:
@@ -279,8 +298,9 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
 
 def _progress_bar(detector, config, start):
     from tqdm.auto import tqdm
-    return tqdm(total=config.iterations, initial=start, unit="it",
-                desc=f"train {detector.config.setting}", mininterval=1.0)
+    what = getattr(detector.config, "setting", detector_kind(detector))  # "fpn", ... or "classifier"
+    return tqdm(total=config.iterations, initial=start, unit="it", desc=f"train {what}",
+                mininterval=1.0)
 
 
 class _Run:
@@ -297,11 +317,13 @@ class _Run:
                 f"{self.path} was not touched")
         self.detector, self.config, self.log = detector, config, log
         self.peak_lr = config.peak_lr()
-        self.optimizer = SGD(detector.named_parameters(), self.peak_lr, config.momentum,
+        check_pretraining_split(detector, config)
+        # frozen parameters (the backbone's freeze_at) get no step and no weight decay
+        self.optimizer = SGD(detector.named_trainable_parameters(), self.peak_lr, config.momentum,
                              config.weight_decay)
         self.rng = default_rng(config.seed)
-        self.history = {"iteration": [], "loss": [], "cls": [], "box": [], "lr": [], "seconds": [],
-                        "images_seen": []}
+        # and one list per loss part, made at the first step: cls and box (a classifier has cls only)
+        self.history = {"iteration": [], "loss": [], "lr": [], "seconds": [], "images_seen": []}
         self.done = self.saved = self.images_seen = 0
         self.changes = []
         self.scenes = DigitScenes("train", n=10 ** 9, seed=config.seed, config=config.scene_config())
@@ -365,12 +387,11 @@ class _Run:
         self.optimizer.step()
         self.updating = False
         self._check_weights(iteration, lr)
-        for key, value in (("iteration", iteration + 1), ("loss", loss), ("cls", parts["cls"]),
-                           ("box", parts["box"]), ("lr", lr), ("seconds", time.perf_counter() - tick),
-                           ("images_seen", first + batch)):
+        for key, value in (("iteration", iteration + 1), ("loss", loss), ("lr", lr),
+                           ("seconds", time.perf_counter() - tick), ("images_seen", first + batch)):
             self.history[key].append(value)
-        for key in [k for k in parts if k not in ("cls", "box")]:  # the two-stage's per-stage parts
-            self.history.setdefault(key, []).append(parts[key])
+        for key, value in parts.items():  # cls, box; the two-stage's per-stage parts
+            self.history.setdefault(key, []).append(value)
         self.images_seen = first + batch
         self.done = iteration + 1  # the step is complete: from here on a Ctrl-C keeps it
         self._remember_step()
@@ -460,7 +481,8 @@ def evaluate_detector(detector: Detector, split: str = "test", n: int = 300, bat
 
 
 __all__ = ["BASE_BATCH", "BASE_LR", "CheckpointError", "DETECTORS", "TrainConfig", "TrainingDiverged",
-           "TrainingInterrupted", "check_arrays_match", "check_same_config", "check_same_kind",
+           "TrainingInterrupted", "check_arrays_match", "check_pretraining_split", "check_same_config",
+           "check_same_kind",
            "detector_from_checkpoint", "detector_kind", "evaluate_detector", "load_checkpoint",
            "save_checkpoint", "schedule_changes", "train", "weight_norms"]
 

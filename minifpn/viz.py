@@ -142,6 +142,8 @@ def plot_loss_curve(history: dict, title: str = "training loss"):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     it = np.asarray(history["iteration"])
     for key, style in (("loss", "-"), ("cls", "--"), ("box", ":")):
+        if key not in history:  # a classifier's history has no box loss
+            continue
         values = np.asarray(history[key], np.float64)
         window = max(1, len(values) // 50)
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")

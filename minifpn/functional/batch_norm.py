@@ -3,6 +3,10 @@
 Training mode normalizes with the batch's mean and (biased) variance and moves the running
 averages toward them; eval mode normalizes with the running averages. Derivation of the
 backward: docs/derivations.md.
+
+``frozen_batch_norm`` is what a pre-trained backbone's batch norm becomes when it is fine-tuned
+as the paper's codebases do (torchvision's ``FrozenBatchNorm2d``, Detectron's AffineChannel):
+a fixed per-channel scale and shift, whatever the batch.
 """
 from __future__ import annotations
 
@@ -75,3 +79,34 @@ def batch_norm_backward(dout, cache):
     dx = (dout - (dbeta / M).reshape(1, C, 1, 1)) - x_hat * (dgamma / M).reshape(1, C, 1, 1)
     dx *= scale  # in place: dx is this function's own array
     return dx, dgamma, dbeta
+
+
+def frozen_batch_norm(x, weight, bias, running_mean, running_var, eps: float = 1e-5):
+    """y = x * scale + shift per channel, with the statistics and the affine fixed:
+        scale = weight / sqrt(running_var + eps),   shift = bias - running_mean * scale
+    (``torchvision.ops.misc.FrozenBatchNorm2d``; the same function as ``batch_norm`` in eval
+    mode, written as one multiply-add). x: (N, C, H, W); the other four: (C,).
+    Returns y: (N, C, H, W) and a cache for ``frozen_batch_norm_backward``.
+    """
+    check_nchw(x, "frozen_batch_norm")
+    check_float(x, weight, bias, running_mean, running_var, op="frozen_batch_norm",
+                names=("input", "weight", "bias", "running_mean", "running_var"))
+    C = x.shape[1]
+    for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if tuple(a.shape) != (C,):
+            raise ValueError(f"frozen_batch_norm: input has {C} channels, expected {name} of "
+                             f"shape ({C},), got {tuple(a.shape)}")
+    xp = get_array_module(x)
+    scale = weight / xp.sqrt(running_var + eps)
+    shift = bias - running_mean * scale
+    y = x * scale.reshape(1, C, 1, 1)
+    y += shift.reshape(1, C, 1, 1)
+    return y, scale
+
+
+def frozen_batch_norm_backward(dout, cache):
+    """Gradient of ``frozen_batch_norm`` for its input only: nothing else in it is trained.
+    dout: (N, C, H, W) -> dx = dout * scale (per channel), (N, C, H, W)."""
+    scale = cache
+    return dout * scale.reshape(1, -1, 1, 1)

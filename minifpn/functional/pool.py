@@ -84,3 +84,27 @@ def max_pool2d_backward(dout, cache):
     if PH == 0 and PW == 0:
         return dx_padded
     return xp.ascontiguousarray(dx_padded[:, :, PH:PH + H, PW:PW + W])
+
+
+def global_avg_pool2d(x):
+    """The mean of each channel over all its positions: the classifier's pooling of C5.
+
+    x: (N, C, H, W) -> out: (N, C), out[n, c] = sum_{i, j} x[n, c, i, j] / (H * W)
+    (``torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)``, torchvision ResNet's avgpool).
+    Returns out and a cache for ``global_avg_pool2d_backward``.
+    """
+    check_nchw(x, "global_avg_pool2d")
+    return x.mean(axis=(2, 3)), tuple(x.shape)
+
+
+def global_avg_pool2d_backward(dout, cache):
+    """Gradient of ``global_avg_pool2d``. dout: (N, C) -> dx: (N, C, H, W).
+
+    Every position entered the mean with weight 1 / (H * W), so each receives that share:
+    dx[n, c, i, j] = dout[n, c] / (H * W).
+    """
+    N, C, H, W = cache
+    xp = get_array_module(dout)
+    dx = xp.zeros((N, C, H, W), dtype=dout.dtype)
+    dx += (dout / (H * W)).reshape(N, C, 1, 1)  # broadcast over (H, W): a new array, dout untouched
+    return dx

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from .. import table1
 from ..detection.anchors import ANCHOR_SIZES, ASPECT_RATIOS
 from ..functional._checks import integer, is_int
+from .resnet import check_freeze_at, check_norm
 
 
 @dataclass
@@ -32,6 +33,12 @@ class DetectorConfig:
     positive_fraction: float = 0.5
     normalize_by: str = "sampled"  # divide the loss by the sampled anchors, or the positives
     seed: int = 0
+    # The paper's regime (docs/fpn.md, "Pre-training and freezing"): start the backbone from the
+    # shipped pre-trained digit classifier of this seed (minifpn.weights.find_backbone), freeze
+    # its bottom as detectron2's FREEZE_AT (2: the stem and C2's stage), and fix its batch norms.
+    pretrained: bool = False
+    freeze_at: int = 0  # 0 nothing ... 5 the whole backbone (minifpn.models.resnet.FREEZE_AT)
+    norm: str = "bn"  # "bn": batch statistics; "frozen_bn": fixed scale and shift (FrozenBatchNorm2d)
 
     def __post_init__(self):
         self.setting = table1.resolve(self.setting)  # a Table 1 letter ("c") becomes its name
@@ -44,6 +51,18 @@ class DetectorConfig:
         self.blocks = tuple(integer(b, "each of blocks", "DetectorConfig", 1) for b in self.blocks)
         self.anchor_sizes = tuple(int(s) if is_int(s) else s for s in self.anchor_sizes)
         self.aspect_ratios = tuple(self.aspect_ratios)
+        self.freeze_at = check_freeze_at(self.freeze_at, "DetectorConfig")
+        self.norm = check_norm(self.norm, "DetectorConfig")
+        if not isinstance(self.pretrained, bool):
+            raise ValueError(f"DetectorConfig: pretrained must be True or False, got {self.pretrained!r}")
+        if self.pretrained:  # refuse now, by what is shipped, rather than when the weights load
+            from ..weights import find_backbone
+            find_backbone(self.backbone_fields(), self.seed)
+
+    def backbone_fields(self) -> dict:
+        """What fixes the bottom-up ResNet's shape: in_channels, widths, blocks, stem_kernel."""
+        return {"in_channels": self.in_channels, "widths": self.widths, "blocks": self.blocks,
+                "stem_kernel": self.stem_kernel}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -28,10 +28,16 @@ class Detector(Module):
     ``head_maps``: (name, stride, anchor sizes) of each map the head runs on, finest first
     (``FPN.levels`` are the pyramid's level numbers k = 2..5)."""
 
+    kind = "one_stage"  # the name minifpn.train.DETECTORS and checkpoints know this class by
+
     def __init__(self, config: DetectorConfig | None = None, dtype=DEFAULT_DTYPE, **overrides):
         super().__init__()
         self.config = c = config or DetectorConfig(**overrides)
-        self.backbone = ResNet(c.widths, c.blocks, c.in_channels, c.stem_kernel, dtype, c.seed)
+        self.backbone = ResNet(c.widths, c.blocks, c.in_channels, c.stem_kernel, dtype, c.seed,
+                               c.norm, c.freeze_at)
+        if c.pretrained:  # the shipped digit classifier's backbone (its fc layer is not used)
+            from ..weights import load_backbone
+            self.backbone.load_state_dict(load_backbone(c.backbone_fields(), c.seed))
         all_sizes = list(c.anchor_sizes)
         if c.setting in ("c4", "c5"):
             level = 4 if c.setting == "c4" else 5
@@ -83,7 +89,8 @@ class Detector(Module):
         return self.fpn(c2_to_c5, check_finite=deferred is None)
 
     def features_backward(self, d_maps):
-        """Gradients of the head's input maps -> gradient of the images."""
+        """Gradients of the head's input maps -> gradient of the images (None where the
+        backbone's ``freeze_at`` stops the backward above the images: ``ResNet.backward``)."""
         if self.config.setting == "c4":
             return self.backbone.backward([None, None, d_maps[0], None])
         if self.config.setting == "c5":

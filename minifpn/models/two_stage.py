@@ -218,6 +218,8 @@ class TwoStageDetector(Module):
     as in Table 3.
     """
 
+    kind = "two_stage"  # the name minifpn.train.DETECTORS and checkpoints know this class by
+
     def __init__(self, config: TwoStageConfig | None = None, dtype=DEFAULT_DTYPE, **overrides):
         super().__init__()
         self.config = c = config or TwoStageConfig(**overrides)

@@ -125,6 +125,42 @@ class BatchNorm2d(Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
 
+class FrozenBatchNorm2d(Module):
+    """Batch norm with its statistics and affine fixed: y = x * scale + shift per channel, with
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale.
+    x: (N, num_features, H, W) -> same shape.
+
+    How the paper's codebases fine-tune a pre-trained backbone (torchvision's
+    ``FrozenBatchNorm2d``, detectron2's "FrozenBN", Detectron's AffineChannel): no batch
+    statistics, no running-average update, nothing trained. All five arrays are buffers, under
+    ``BatchNorm2d``'s state-dict keys (num_batches_tracked included, never changed), so a trained
+    ``BatchNorm2d`` loads into it by name and back. Its backward is ``dout * scale``.
+    """
+
+    def __init__(self, num_features, eps=1e-5, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        xp = get_backend("numpy")
+        num_features = integer(num_features, "num_features", "FrozenBatchNorm2d", 1)
+        self.num_features, self.eps = num_features, eps
+        self.register_buffer("weight", xp.ones((num_features,), dtype=dtype))
+        self.register_buffer("bias", xp.zeros((num_features,), dtype=dtype))
+        self.register_buffer("running_mean", xp.zeros((num_features,), dtype=dtype))
+        self.register_buffer("running_var", xp.ones((num_features,), dtype=dtype))
+        self.register_buffer("num_batches_tracked", xp.zeros((), dtype=xp.int64))
+        self.cache = None
+
+    def forward(self, x):
+        out, self.cache = F.frozen_batch_norm(x, self.weight, self.bias, self.running_mean,
+                                              self.running_var, self.eps)
+        return out
+
+    def backward(self, dout):
+        return F.frozen_batch_norm_backward(dout, self._need_cache(self.cache))
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}"
+
+
 class ReLU(Module):
     """max(x, 0), element-wise; any shape."""
 

@@ -25,11 +25,16 @@ class BackwardBeforeForward(RuntimeError):
 
 
 class Parameter:
-    """A trainable array ``data`` and the gradient ``grad`` accumulated for it (same shape)."""
+    """A trainable array ``data`` and the gradient ``grad`` accumulated for it (same shape).
 
-    def __init__(self, data):
+    ``requires_grad`` False marks a frozen parameter (``ResNet``'s ``freeze_at``): it is saved and
+    loaded as any other, but no backward computes its gradient and the optimizer leaves it alone.
+    """
+
+    def __init__(self, data, requires_grad: bool = True):
         self.data = data
         self.grad = get_array_module(data).zeros_like(data)
+        self.requires_grad = requires_grad
 
     @property
     def shape(self):
@@ -105,6 +110,10 @@ class Module:
 
     def parameters(self):
         return [p for _, p in self.named_parameters()]
+
+    def named_trainable_parameters(self):
+        """(dotted name, Parameter) for the parameters that train: ``requires_grad`` is True."""
+        return ((name, p) for name, p in self.named_parameters() if p.requires_grad)
 
     def named_buffers(self, prefix: str = ""):
         """(dotted name, array) for every buffer (running statistics and the like)."""
