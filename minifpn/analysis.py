@@ -292,6 +292,60 @@ def plot_probe(results, sizes=("small", "medium", "large")):
     return fig
 
 
+# ---- gradient norms per level: what the detection loss asks of each level of the backbone ------
+
+def gradient_norms(detector, batches: int = 20, batch_size: int = 8, seed: int | None = None,
+                   scene_config=None) -> dict:
+    """At ``detector``'s current weights (unchanged: running statistics are put back), the mean
+    over ``batches`` training batches of ``batch_size`` scenes (the train split of ``seed``,
+    default ``detector.config.seed``; train mode, as in training) of:
+
+    * "dC": the L2 norm of the loss's gradient that reaches each of C2..C5 from the FPN (the
+      lateral connections and, for C5, also P6's path), per image: (N, C_k, H_k, W_k) summed
+      over all entries, divided by the batch size;
+    * "stage": the L2 norm of the parameter gradient of the stem (conv1, bn1) and of each stage
+      layer1..layer4, 0.0 for a part that ``freeze_at`` freezes (its backward never runs).
+
+    Returns {"dC": {"C2": ..., ...}, "stage": {"stem": ..., "layer1": ..., ...}, "batches": n}.
+    Host floats; the detector must have a pyramid (``detector.fpn``)."""
+    if not hasattr(detector, "fpn"):
+        raise ValueError(f"gradient_norms: setting {detector.config.setting!r} has no FPN; the norms "
+                         f"of the gradient from the FPN into C2..C5 need one")
+    seed = detector.config.seed if seed is None else seed
+    scenes = DigitScenes("train", batches * batch_size, seed, scene_config)
+    rng = np.random.default_rng(0)
+    buffers = detector.state_dict()  # train mode moves batch norm's running averages: put them back
+    backbone = detector.backbone
+    parts = {"stem": [backbone.conv1, backbone.bn1],
+             **{f"layer{k}": [stage] for k, stage in enumerate(backbone.stages, start=1)}}
+    sums = {"dC": dict.fromkeys(["C2", "C3", "C4", "C5"], 0.0), "stage": dict.fromkeys(parts, 0.0)}
+    was_training = detector.training
+    detector.train()
+    try:
+        for b in range(batches):
+            images, boxes, labels = scenes.batch(range(b * batch_size, (b + 1) * batch_size))
+            detector.zero_grad()
+            detector.loss(to_device(images, detector.backend), boxes, labels, rng)
+            d_c = detector.fpn.backward(detector.head_backward())  # [dC2, dC3, dC4, dC5]
+            backbone.backward(d_c)
+            for k, d in zip(("C2", "C3", "C4", "C5"), d_c):
+                sums["dC"][k] += _norm(d) / batch_size
+            for name, modules in parts.items():
+                grads = [p.grad for m in modules for p in m.parameters()]
+                sums["stage"][name] += float(np.sqrt(sum(_norm(g) ** 2 for g in grads)))
+    finally:
+        detector.load_state_dict(buffers)
+        detector.zero_grad()
+        detector.train(was_training)
+    return {group: {k: v / batches for k, v in values.items()} for group, values in sums.items()} | {
+        "batches": batches}
+
+
+def _norm(a) -> float:
+    """The L2 norm of every entry of ``a`` (a device or host array), as a host float; 0 for None."""
+    return 0.0 if a is None else float(np.sqrt((to_numpy(a).astype(np.float64) ** 2).sum()))
+
+
 __all__ = ["BUCKETS", "DigitFeatures", "L2", "NUM_DIGITS", "ProbeResult", "STEPS", "SoftmaxProbe",
-           "box_cells", "digit_features", "fit_softmax", "format_probe_table", "level_maps",
+           "box_cells", "digit_features", "fit_softmax", "format_probe_table", "gradient_norms", "level_maps",
            "plot_probe", "pool_box", "probe_levels"]

@@ -294,17 +294,8 @@ def _validate_backbone_options(args, error) -> None:
 
 def _validate_paths(args, error) -> None:
     """The checkpoint to read, the folder to write to, the run to resume."""
-    if getattr(args, "out", None) and args.job == "probe" and _unwritable(args.out):
-        error(f"--out {args.out}: cannot write the probe's files: {_unwritable(args.out)}")
-    if args.job == "probe" and args.checkpoint == REFERENCE:
-        from .weights import FOLDER, INFO_FILE
-        if not os.path.exists(os.path.join(FOLDER, INFO_FILE)):
-            error(f"no reference weights in {FOLDER}; run `minifpn reference` or give a checkpoint.npz")
-    elif args.job in ("evaluate", "probe"):
-        if not os.path.exists(args.checkpoint):
-            error(f"checkpoint {args.checkpoint} does not exist")
-        if os.path.isdir(args.checkpoint):
-            error(f"checkpoint {args.checkpoint} is a folder; expected a checkpoint.npz file")
+    if args.job in ("evaluate", "probe"):
+        _validate_checkpoint_path(args, error)
     if hasattr(args, "runs"):
         run_dir = _run_dir(args)
         reason = _unwritable(run_dir)
@@ -313,6 +304,26 @@ def _validate_paths(args, error) -> None:
         if getattr(args, "resume", False) and not os.path.exists(os.path.join(run_dir, "checkpoint.npz")):
             error(f"--resume: no checkpoint at {os.path.join(run_dir, 'checkpoint.npz')} to resume; "
                   f"check --runs and --name")
+
+
+def _validate_checkpoint_path(args, error) -> None:
+    """evaluate's checkpoint; probe's checkpoint, reference pair or `minifpn reference` folder."""
+    if args.job == "probe" and args.out and _unwritable(args.out):
+        error(f"--out {args.out}: cannot write the probe's files: {_unwritable(args.out)}")
+    if args.job == "probe" and args.checkpoint == REFERENCE:
+        from .weights import FOLDER, INFO_FILE
+        if not os.path.exists(os.path.join(FOLDER, INFO_FILE)):
+            error(f"no reference weights in {FOLDER}; run `minifpn reference` or give a checkpoint.npz")
+    elif args.job == "probe" and os.path.isdir(args.checkpoint):
+        from .weights import INFO_FILE
+        if not os.path.exists(os.path.join(args.checkpoint, INFO_FILE)):
+            error(f"{args.checkpoint} is a folder without {INFO_FILE}; expected a checkpoint.npz file or "
+                  f"a folder written by `minifpn reference --out FOLDER`")
+    else:
+        if not os.path.exists(args.checkpoint):
+            error(f"checkpoint {args.checkpoint} does not exist")
+        if os.path.isdir(args.checkpoint):
+            error(f"checkpoint {args.checkpoint} is a folder; expected a checkpoint.npz file")
 
 
 # ---- commands that rebuild a run: resume after Ctrl-C, or run all steps ---------------------
@@ -502,9 +513,9 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .data import SceneConfig
     from .detection.metrics import evaluate, format_metrics, without_labels
-    from .train import CheckpointError, detector_from_checkpoint, detector_kind, evaluate_detector
+    from .train import CheckpointError, detector_kind, evaluate_detector
 
-    detector, ckpt = detector_from_checkpoint(args.checkpoint, args.backend)
+    detector, ckpt = _detector_from_checkpoint(args.checkpoint, args.backend)
     if args.detector is not None and detector_kind(detector) != args.detector:
         raise CheckpointError(f"checkpoint {args.checkpoint} holds a {detector_kind(detector)} "
                               f"detector, not the {args.detector} one --detector asks for")
@@ -529,15 +540,27 @@ def cmd_evaluate(args) -> int:
 REFERENCE = "reference"  # `minifpn probe reference`: the shipped pair, minifpn.weights
 
 
+def _detector_from_checkpoint(path, backend):
+    """``detector_from_checkpoint``, refusing a pre-training checkpoint: it holds no detector."""
+    from .train import CheckpointError, detector_from_checkpoint, detector_kind
+
+    detector, ckpt = detector_from_checkpoint(path, backend)
+    if detector_kind(detector) == "classifier":
+        raise CheckpointError(f"checkpoint {path} holds a digit classifier (minifpn pretrain), not a "
+                              f"detector; its val accuracy is recorded in minifpn/weights/backbones.json")
+    return detector, ckpt
+
+
 def cmd_probe(args) -> int:
     from .analysis import L2, STEPS, format_probe_table, probe_levels
-    from .train import detector_from_checkpoint
 
-    if args.checkpoint == REFERENCE:
-        from .weights import NAMES, load_reference, reference_info
-        detectors, seed = [load_reference(name, args.backend) for name in NAMES], reference_info()["seed"]
+    if args.checkpoint == REFERENCE or os.path.isdir(args.checkpoint):  # a pair made by `minifpn reference`
+        from .weights import FOLDER, NAMES, load_reference, reference_info
+        folder = FOLDER if args.checkpoint == REFERENCE else args.checkpoint
+        detectors = [load_reference(name, args.backend, folder) for name in NAMES]
+        seed = reference_info(folder)["seed"]
     else:
-        detector, ckpt = detector_from_checkpoint(args.checkpoint, args.backend)
+        detector, ckpt = _detector_from_checkpoint(args.checkpoint, args.backend)
         # the run's own split; None (a checkpoint without it): the detector's seed, the same in `train`
         detectors, seed = [detector], ckpt["meta"].get("train_config", {}).get("seed")
     start = time.perf_counter()
@@ -879,10 +902,11 @@ def _probe_job(job) -> None:
                         "every labelled digit's box, fit a linear classifier of the digit (0-9) on the "
                         "val split's digits and score it on the test split's, and print the accuracy "
                         "per level, overall and by object size, as mean ± std over bootstrap resamples "
-                        "(minifpn.analysis.probe_levels). CHECKPOINT_OR_NAME: a checkpoint.npz, or "
-                        f"'{REFERENCE}' for the shipped pair fpn (c) and bottom_up (d).")
+                        "(minifpn.analysis.probe_levels). CHECKPOINT_OR_NAME: a checkpoint.npz, "
+                        f"'{REFERENCE}' for the shipped pair fpn (c) and bottom_up (d), or a folder "
+                        "written by `minifpn reference --out FOLDER` for the pair in it.")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_NAME",
-                   help=f"path to checkpoint.npz, or '{REFERENCE}'")
+                   help=f"path to checkpoint.npz, '{REFERENCE}', or a `minifpn reference --out` folder")
     p.add_argument("--scenes", type=positive_int, default=150,
                    help="val scenes to fit on, and as many test scenes to score on")
     p.add_argument("--seeds", type=positive_int, default=3, help="probe seeds: bootstrap resamples")
