@@ -214,8 +214,10 @@ def save_backbone(classifier, folder: str, entry: dict) -> str:
     np.savez_compressed(os.path.join(folder, name), **state)
     shipped = shipped_backbones(folder)
     shipped[name] = {"file": name, "seed": c.seed, "resnet": _plain(c.backbone_fields()), **entry}
-    with open(os.path.join(folder, BACKBONES_FILE), "w") as f:
+    path = os.path.join(folder, BACKBONES_FILE)
+    with open(f"{path}.tmp", "w") as f:  # then renamed over it: a reader never sees half a file
         json.dump(dict(sorted(shipped.items())), f, indent=2)
+    os.replace(f"{path}.tmp", path)
     return os.path.join(folder, name)
 
 
