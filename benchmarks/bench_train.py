@@ -1,7 +1,7 @@
 """Training speed of the demo detector: images per second and peak memory, with the same
 network built in PyTorch (same weights) as the ratio baseline.
 
-    python benchmarks/bench_train.py [--threads 2] [--batch 8] [--steps 5] [--samples 5]
+    python benchmarks/bench_train.py [--threads 2] [--batch 8] [--steps 5] [--samples 5] [--freeze-at 2]
 
 Ours: one full training step (forward, anchor matching and sampling, loss, backward, SGD).
 PyTorch: forward and backward of the same backbone + FPN + shared head, with the head's
@@ -9,6 +9,12 @@ outputs given random gradients (the loss bookkeeping is not part of the baseline
 Each sample times --steps steps of ours, then as many of PyTorch's (the two take turns); the
 table gives the medians and the spread of the per-sample ratio. Peak memory is NumPy's
 allocations during one of our steps, from tracemalloc.
+
+With --freeze-at N (N >= 1) both detectors are fine-tuned as the paper's codebases do: ours with
+the shipped pre-trained backbone, ``freeze_at=N`` and frozen batch norm; the twin with the same
+parts' parameters set to ``requires_grad=False`` and every batch norm in eval mode (the same
+function as frozen batch norm). Ours from scratch (freeze_at 0, live batch norm) takes turns
+with them, so the table also gives what freezing saves: ours frozen / ours from scratch.
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ from minifpn.optim import SGD
 
 
 def torch_twin(det, torch):
-    """The same detector in PyTorch modules with our parameter names, loaded with our weights."""
+    """The same detector in PyTorch modules with our parameter names, loaded with our weights
+    (the FPN's; the backbone's and the head's keep torch's initialisation: speed does not depend
+    on the values), frozen as ``det.backbone.freeze_at`` and ``norm`` say."""
     nn = torch.nn
     from torchvision.ops import FeaturePyramidNetwork
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -80,23 +88,26 @@ def torch_twin(det, torch):
 
     twin = Twin()
     twin.fpn.load_state_dict(fpn_to_torchvision(det.fpn.state_dict()))
+    bb = det.backbone
+    frozen = [twin.conv1, twin.bn1, *twin.layers][:bb.freeze_at + 1] if bb.freeze_at else []
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad = False
+    if bb.norm == "frozen_bn":  # eval-mode batch norm with fixed affine: frozen batch norm's function
+        for module in [twin.bn1, *twin.layers]:
+            for m in module.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+                    for p in m.parameters():
+                        p.requires_grad = False
     return twin
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="steps per sample")
-    parser.add_argument("--samples", type=int, default=5, help="interleaved samples (ours, torch)")
-    args = parser.parse_args()
-    _, torch = setup_threads(args.threads)
-    print(blas_report(args.threads))
-    det = Detector(DetectorConfig())
-    opt = SGD(det.named_parameters(), lr=0.001)
-    scenes = DigitScenes("train", n=10 ** 6)
+def training_steps(det, batches):
+    """(a function that runs one training step of ``det`` on each of ``batches[1:]``, the peak
+    NumPy memory of one step); batches[0] warms up. SGD over the trainable parameters only."""
+    opt = SGD(det.named_trainable_parameters(), lr=0.001)
     rng = np.random.default_rng(0)
-    batches = [scenes.batch(range(i * args.batch, (i + 1) * args.batch)) for i in range(args.steps + 1)]
 
     def step(batch):
         images, boxes, labels = batch
@@ -111,10 +122,32 @@ def main():
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
 
-    def ours_steps():
+    def steps():
         for b in batches[1:]:
             step(b)
+    return steps, peak
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="steps per sample")
+    parser.add_argument("--samples", type=int, default=5, help="interleaved samples (ours, torch)")
+    parser.add_argument("--freeze-at", type=int, default=0, choices=range(6),
+                        help="fine-tune from the pre-trained backbone with this freeze_at and frozen "
+                             "batch norm (0: from scratch, as the demo)")
+    args = parser.parse_args()
+    _, torch = setup_threads(args.threads)
+    print(blas_report(args.threads))
+    frozen = {"pretrained": True, "freeze_at": args.freeze_at, "norm": "frozen_bn"} if args.freeze_at else {}
+    det = Detector(DetectorConfig(**frozen))
+    scenes = DigitScenes("train", n=10 ** 6)
+    batches = [scenes.batch(range(i * args.batch, (i + 1) * args.batch)) for i in range(args.steps + 1)]
+    ours_steps, peak = training_steps(det, batches)
     fns = {"ours": ours_steps}
+    if args.freeze_at:
+        fns["ours, from scratch"], _ = training_steps(Detector(DetectorConfig()), batches)
     if torch is not None:
         twin = torch_twin(det, torch)
         t_opt = torch.optim.SGD(twin.parameters(), lr=0.001, momentum=0.9)
@@ -132,11 +165,19 @@ def main():
         fns["torch"] = torch_steps
     times = interleaved(fns, samples=args.samples, min_time=0.0)
     ours = statistics.median(times["ours"]) / args.steps
-    rows = [["minifpn (full training step)", f"{ours * 1e3:.0f}", f"{args.batch / ours:.1f}",
+    what = f"freeze_at {args.freeze_at}, frozen BN" if args.freeze_at else "from scratch"
+    rows = [[f"minifpn (full training step, {what})", f"{ours * 1e3:.0f}", f"{args.batch / ours:.1f}",
              f"{peak / 2 ** 20:.0f}"]]
+    if args.freeze_at:
+        scratch = statistics.median(times["ours, from scratch"]) / args.steps
+        rows.append(["minifpn (full training step, from scratch)", f"{scratch * 1e3:.0f}",
+                     f"{args.batch / scratch:.1f}", ""])
+        median, spread = ratio_summary(times["ours"], times["ours, from scratch"])
+        rows.append([f"ratio (frozen / from scratch), median of {args.samples}", f"{median:.2f}",
+                     f"spread {spread}", ""])
     if torch is not None:
         theirs = statistics.median(times["torch"]) / args.steps
-        rows.append(["PyTorch twin (fwd + bwd + SGD)", f"{theirs * 1e3:.0f}",
+        rows.append([f"PyTorch twin (fwd + bwd + SGD, {what})", f"{theirs * 1e3:.0f}",
                      f"{args.batch / theirs:.1f}", ""])
         median, spread = ratio_summary(times["ours"], times["torch"])
         rows.append([f"ratio (ours / torch), median of {args.samples}", f"{median:.2f}",
