@@ -144,10 +144,10 @@ SEED_COLUMNS = {"AR@100": "AR@100", "AR@10": "AR@10", "AR_small": "AR_s", "AR_me
                 "AR_large": "AR_l", "AP": "AP", "AP50": "AP50"}
 
 
-def aggregate(runs: dict) -> dict:
+def aggregate(runs: dict, columns: dict = SEED_COLUMNS) -> dict:
     """Mean and standard deviation over seeds. ``runs``: {seed: [summary, ...]} (summaries as
     ``run_ablation`` returns them; every seed must hold the same settings) ->
-    {setting: {metric: {"mean", "std", "values"}}}, in %, for every metric of ``SEED_COLUMNS``.
+    {setting: {metric: {"mean", "std", "values"}}}, in %, for every metric of ``columns``.
 
     ``std`` is the sample standard deviation (ddof = 1) over the seeds, 0.0 for a single seed;
     ``values`` lists each seed's number, in the order of ``runs``. A metric a seed could not
@@ -164,7 +164,7 @@ def aggregate(runs: dict) -> dict:
     table = {}
     for name in settings:
         table[name] = {}
-        for key in SEED_COLUMNS:
+        for key in columns:
             values = [100 * float(rows[name][key]) if rows[name][key] >= 0 else None
                       for rows in per_seed.values()]
             known = [v for v in values if v is not None]
@@ -269,6 +269,135 @@ def collect_summaries(paths) -> dict:
     return {seed: [found[seed, name][1] for name in common] for seed in seeds}
 
 
+# ---- the regime map: from scratch against the paper's regime (docs/results.md) -------------------
+
+# How the backbone is trained, as DetectorConfig fields: every weight from scratch with live batch
+# norm, or the paper's fine-tuning of a pre-trained backbone (stem and C2's stage frozen, frozen BN).
+REGIMES = {"scratch": {"pretrained": False, "freeze_at": 0, "norm": "bn"},
+           "paper": {"pretrained": True, "freeze_at": 2, "norm": "frozen_bn"}}
+REGIME_LABELS = {"scratch": "from scratch", "paper": "paper's regime (pre-trained, freeze_at 2, frozen BN)"}
+# the 10-digit detector's columns (keys of minifpn.detection.metrics.evaluate, as table headings)
+K10_COLUMNS = {"AP": "AP", "AP50": "AP50", "AP_small": "AP_s", "AR@100": "AR@100", "AR_small": "AR_s"}
+
+
+def regime_of(detector_config: dict) -> str:
+    """"scratch" or "paper" for a saved DetectorConfig (a config that predates the fields is from
+    scratch); a ValueError for any other combination."""
+    fields = {k: detector_config.get(k, v) for k, v in REGIMES["scratch"].items()}
+    for name, regime in REGIMES.items():
+        if fields == regime:
+            return name
+    raise ValueError(f"the detector config {fields} is neither regime of {REGIMES}")
+
+
+def summaries_from_reference(info: dict) -> list:
+    """The pair a ``minifpn reference`` run wrote (its reference.json, as a dict) as summaries,
+    (c) fpn first: [{"setting", "metrics", "detector_config"}, ...]."""
+    return [{"setting": name, "metrics": entry["metrics"], "detector_config": entry["detector_config"]}
+            for name, entry in info["detectors"].items()]
+
+
+def regime_effect(tables: dict, a: str = "fpn", b: str = "bottom_up", metric: str = "AR_small") -> dict:
+    """How the difference a - b on ``metric`` moves from scratch to the paper's regime. ``tables``:
+    {regime: aggregate's table}, the two regimes over the same seeds. Per regime: the mean and std
+    over seeds of each seed's own difference (paired by seed) and ``beyond_spread``'s verdict;
+    then "change" = mean(paper) - mean(scratch), with "spread" = std(paper) + std(scratch)."""
+    out = {}
+    for regime, table in tables.items():
+        diffs = [x - y for x, y in zip(table[a][metric]["values"], table[b][metric]["values"])
+                 if x is not None and y is not None]
+        out[regime] = {"per_seed": diffs, "mean": statistics.fmean(diffs),
+                       "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                       **beyond_spread(table, a, b, metric)}
+    if {"scratch", "paper"} <= set(out):
+        change = out["paper"]["mean"] - out["scratch"]["mean"]
+        spread = out["paper"]["std"] + out["scratch"]["std"]
+        out["change"] = {"difference": change, "spread": spread, "beyond": bool(abs(change) > spread)}
+    return out
+
+
+def regime_map(rpn: dict, k10: dict) -> dict:
+    """Everything the regime map shows. ``rpn``: {scenes name: {regime: runs}} of Table 1's RPN
+    runs (runs as ``collect_summaries`` returns them); ``k10``: {regime: runs} of the 10-digit
+    (c)/(d) pairs. Returns {"rpn": {scenes: {regime: table}}, "k10": {regime: table}, "effects":
+    {name: regime_effect}} (tables as ``aggregate``'s, in %)."""
+    data = {"rpn": {scenes: {regime: aggregate(runs) for regime, runs in by_regime.items()}
+                    for scenes, by_regime in rpn.items()},
+            "k10": {regime: aggregate(runs, K10_COLUMNS) for regime, runs in k10.items()}, "effects": {}}
+    for scenes, tables in data["rpn"].items():
+        for other in ("bottom_up", "p2_only"):
+            data["effects"][f"{scenes}: AR_s (c) - ({SETTINGS[other].letter})"] = regime_effect(
+                tables, "fpn", other, "AR_small")
+    for metric, column in (("AP", "AP"), ("AP_small", "AP_s")):
+        data["effects"][f"10 digits: {column} (c) - (d)"] = regime_effect(data["k10"], "fpn", "bottom_up",
+                                                                          metric)
+    return data
+
+
+def markdown_regime_map(data: dict) -> str:
+    """The regime map as markdown: one table per condition (mean ± std in %, each regime a column),
+    then one line per effect: (c) - (x) in each regime, with its spread, and its change."""
+    lines = []
+    conditions = [(f"Table 1 RPN, {scenes} scenes", tables, {"AR_small": "AR_s", "AR@100": "AR@100"})
+                  for scenes, tables in data["rpn"].items()]
+    conditions.append(("10-digit detector, plain scenes", data["k10"],
+                       {"AP": "AP", "AP_small": "AP_s", "AR_small": "AR_s"}))
+    for title, tables, columns in conditions:
+        regimes = list(tables)
+        lines += [f"**{title}**", "", "| setting | metric | " + " | ".join(REGIME_LABELS[r] for r in regimes)
+                  + " |", "|---|---|" + "---|" * len(regimes)]
+        for name in next(iter(tables.values())):
+            for key, column in columns.items():
+                cells = [_mean_std(tables[r][name][key]) for r in regimes]
+                lines.append(f"| ({SETTINGS[name].letter}) {name} | {column} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for name, effect in data["effects"].items():
+        parts = [f"{REGIME_LABELS[r].split(' (')[0]} {effect[r]['difference']:+.1f} (spread "
+                 f"{effect[r]['spread']:.1f}, {'beyond' if effect[r]['beyond'] else 'within'}; per seed "
+                 + ", ".join(f"{d:+.1f}" for d in effect[r]["per_seed"]) + ")"
+                 for r in REGIMES if r in effect]
+        change = effect.get("change")
+        tail = (f"; change {change['difference']:+.1f} (spread {change['spread']:.1f}, "
+                f"{'beyond' if change['beyond'] else 'within'})") if change else ""
+        lines.append(f"* {name}: " + "; ".join(parts) + tail)
+    return "\n".join(lines)
+
+
+def _mean_std(cell: dict) -> str:
+    return "n/a" if cell["mean"] is None else f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+
+
+def plot_regime_map(data: dict):
+    """The regime map as a figure: AR_s of (c), (d), (f) per kind of scenes, then AP and AP_s of
+    the 10-digit (c) and (d); in each panel a pair of bars per setting (from scratch, the paper's
+    regime: mean ± std over seeds) with each seed a dot. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    panels = [(f"RPN, {scenes} scenes: AR_s", tables, "AR_small") for scenes, tables in data["rpn"].items()]
+    panels += [("10 digits: AP", data["k10"], "AP"), ("10 digits: AP_s", data["k10"], "AP_small")]
+    colours = {"scratch": "tab:gray", "paper": "tab:blue"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, tables, metric) in zip(axes[0], panels):
+        names = list(next(iter(tables.values())))
+        for j, regime in enumerate(tables):
+            x = [i + (j - 0.5) * 0.38 for i in range(len(names))]
+            cells = [tables[regime][name][metric] for name in names]
+            ax.bar(x, [c["mean"] for c in cells], 0.36, yerr=[c["std"] for c in cells], capsize=3,
+                   color=colours[regime], alpha=0.55, label=REGIME_LABELS[regime].split(" (")[0])
+            for xi, c in zip(x, cells):
+                ax.plot([xi] * len(c["values"]), c["values"], "o", color="black", markersize=3)
+        ax.set_xticks(range(len(names)), [f"({SETTINGS[n].letter}) {n}" for n in names], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("%")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels + [], loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.suptitle("The regime map: mean ± std over seeds 0, 1, 2, each seed a dot", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
 __all__ = ["CHOICES", "ITERATIONS", "LETTERS", "PAPER_AR100", "PAPER_AR1K", "PAPER_RPN", "SEED_COLUMNS",
            "SETTINGS", "Setting", "aggregate", "beyond_spread", "collect_summaries", "markdown_table",
-           "markdown_table_over_seeds", "resolve", "run_ablation", "run_over_seeds", "write_over_seeds"]
+           "markdown_table_over_seeds", "resolve", "run_ablation", "run_over_seeds", "write_over_seeds",
+           "K10_COLUMNS", "REGIMES", "REGIME_LABELS", "markdown_regime_map", "plot_regime_map",
+           "regime_effect", "regime_map", "regime_of", "summaries_from_reference"]
