@@ -302,7 +302,8 @@ def gradient_norms(detector, batches: int = 20, batch_size: int = 8, seed: int |
 
     * "dC": the L2 norm of the loss's gradient that reaches each of C2..C5 from the FPN (the
       lateral connections and, for C5, also P6's path), per image: (N, C_k, H_k, W_k) summed
-      over all entries, divided by the batch size;
+      over all entries, divided by the batch size. It is computed for a frozen level too (which
+      training skips: ``Conv2d.needs_input_grad``): what the loss asks of a map it cannot change;
     * "stage": the L2 norm of the parameter gradient of the stem (conv1, bn1) and of each stage
       layer1..layer4, 0.0 for a part that ``freeze_at`` freezes (its backward never runs).
 
@@ -320,6 +321,9 @@ def gradient_norms(detector, batches: int = 20, batch_size: int = 8, seed: int |
              **{f"layer{k}": [stage] for k, stage in enumerate(backbone.stages, start=1)}}
     sums = {"dC": dict.fromkeys(["C2", "C3", "C4", "C5"], 0.0), "stage": dict.fromkeys(parts, 0.0)}
     was_training = detector.training
+    skipped = [conv for conv in detector.fpn.inner_blocks if not conv.needs_input_grad]
+    for conv in skipped:  # the laterals on frozen levels: compute their dC_k here too
+        conv.needs_input_grad = True
     detector.train()
     try:
         for b in range(batches):
@@ -334,6 +338,8 @@ def gradient_norms(detector, batches: int = 20, batch_size: int = 8, seed: int |
                 grads = [p.grad for m in modules for p in m.parameters()]
                 sums["stage"][name] += float(np.sqrt(sum(_norm(g) ** 2 for g in grads)))
     finally:
+        for conv in skipped:
+            conv.needs_input_grad = False
         detector.load_state_dict(buffers)
         detector.zero_grad()
         detector.train(was_training)

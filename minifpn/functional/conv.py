@@ -164,11 +164,13 @@ def _conv_gemm(x, weight, stride, padding):
     return out.reshape(N, OC, OH, OW), cols, False
 
 
-def conv2d_backward(dout, cache):
+def conv2d_backward(dout, cache, input_grad: bool = True):
     """Gradients of ``conv2d``.
 
     dout: (N, OC, OH, OW), the gradient of the loss with respect to ``out``.
     Returns dx: (N, C, H, W), dweight: (OC, C, KH, KW), dbias: (OC,) or None.
+    ``input_grad=False`` skips dx (returned as None): for an input that is a constant to the
+    loss, such as a frozen backbone's output (PyTorch skips it for an input without requires_grad).
         dweight = dout_mat @ col^T        (OC, N*L) @ (N*L, K)
         dcol    = weight^T @ dout_mat     (K, OC) @ (OC, N*L), then col2im -> dx
         dbias   = dout summed over N, OH, OW
@@ -184,10 +186,12 @@ def conv2d_backward(dout, cache):
     if pointwise:  # the 1x1 fast path: per-image products, no col2im
         dout_n = dout.reshape(N, OC, OH * OW)
         dweight = xp.matmul(dout_n, cols.transpose(0, 2, 1)).sum(axis=0).reshape(weight.shape)
-        dx = xp.matmul(weight.reshape(OC, C).T, dout_n).reshape(x_shape)
+        dx = xp.matmul(weight.reshape(OC, C).T, dout_n).reshape(x_shape) if input_grad else None
         return dx, dweight, dbias
     dout_mat = dout.reshape(N, OC, OH * OW).transpose(1, 0, 2).reshape(OC, N * OH * OW)
     dweight = (dout_mat @ cols.T).reshape(weight.shape)
+    if not input_grad:
+        return None, dweight, dbias
     if stride == (1, 1) and padding[0] < KH and padding[1] < KW:
         dx = conv2d_input_grad(dout, weight, padding)
     else:

@@ -28,7 +28,7 @@ class Detector(Module):
     ``head_maps``: (name, stride, anchor sizes) of each map the head runs on, finest first
     (``FPN.levels`` are the pyramid's level numbers k = 2..5)."""
 
-    kind = "one_stage"  # the name minifpn.train.DETECTORS and checkpoints know this class by
+    kind = "one_stage"  # the name minifpn.train.MODELS and checkpoints know this class by
 
     def __init__(self, config: DetectorConfig | None = None, dtype=DEFAULT_DTYPE, **overrides):
         super().__init__()
@@ -47,6 +47,8 @@ class Detector(Module):
             extra = None if c.setting == "p2_only" else "maxpool"
             self.fpn = FPN(list(c.widths), c.channels, extra_block=extra, variant=c.setting,
                            dtype=dtype, seed=c.seed + 1)
+            for k in self.fpn.levels[:max(c.freeze_at - 1, 0)]:  # C_k of a frozen stage: a constant
+                self.fpn.inner_blocks[k - 2].needs_input_grad = False
             if c.setting == "p2_only":
                 self.head_maps = [("P2", 4, all_sizes)]
             else:

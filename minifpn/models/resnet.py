@@ -61,6 +61,8 @@ class BasicBlock(Module):
         d_main = self.conv1.backward(self.bn1.backward(F.relu_backward(d_main, self.relu1_cache)))
         if self.downsample is not None:
             d_shortcut = self.downsample.backward(d_shortcut)
+        if d_main is None:  # conv1 skipped it: nothing trained lies below this block (freeze_at)
+            return None
         return d_main + d_shortcut  # x fed both paths: their gradients add
 
 
@@ -107,6 +109,11 @@ class ResNet(Module):
         for part in self.frozen_parts():  # no gradient, no update, no weight decay
             for p in part.parameters():
                 p.requires_grad = False
+        if 1 <= self.freeze_at <= 4:  # the first trainable block's input is a constant to the loss
+            first = self.stages[self.freeze_at - 1][0]
+            first.conv1.needs_input_grad = False
+            if first.downsample is not None:
+                first.downsample[0].needs_input_grad = False
         self.out_channels = list(widths)
         self.stem_relu_cache = None  # set by forward, used by backward
 
@@ -147,9 +154,12 @@ class ResNet(Module):
         if len(grads) != 4:
             raise ValueError(f"ResNet.backward: expected 4 gradients [dC2, dC3, dC4, dC5], "
                              f"got {len(grads)}")
-        if all(g is None for g in grads):
-            raise ValueError("ResNet.backward: every gradient was None")
         trainable = 4 - max(self.freeze_at - 1, 0)  # layer4 down to the first trainable stage
+        if trainable == 0:  # freeze_at 5: the whole backbone is frozen
+            return None
+        if all(g is None for g in grads[4 - trainable:]):
+            raise ValueError("ResNet.backward: every gradient was None" + (
+                f" (of the trainable stages' outputs, C{6 - trainable}..C5)" if self.freeze_at else ""))
         d = None
         for stage, d_feature in list(zip(reversed(self.stages), reversed(grads)))[:trainable]:
             if d_feature is not None:

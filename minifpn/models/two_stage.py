@@ -218,7 +218,7 @@ class TwoStageDetector(Module):
     as in Table 3.
     """
 
-    kind = "two_stage"  # the name minifpn.train.DETECTORS and checkpoints know this class by
+    kind = "two_stage"  # the name minifpn.train.MODELS and checkpoints know this class by
 
     def __init__(self, config: TwoStageConfig | None = None, dtype=DEFAULT_DTYPE, **overrides):
         super().__init__()
@@ -314,7 +314,8 @@ class TwoStageDetector(Module):
         d_rpn_maps = self.rpn.head_backward()  # P2..P6
         if self.config.pooling == "c4":
             d_bottom_up = list(self.rpn.fpn.backward(d_rpn_maps))  # [dC2, dC3, dC4, dC5]
-            d_bottom_up[2] = d_bottom_up[2] + d_pooled_maps[0]  # C4 fed the FPN and the RoIs
+            d_c4 = d_bottom_up[2]  # None where C4 comes from a frozen stage (freeze_at >= 4)
+            d_bottom_up[2] = d_pooled_maps[0] if d_c4 is None else d_c4 + d_pooled_maps[0]  # C4 fed both
             return self.rpn.backbone.backward(d_bottom_up)
         d_maps = [d_rpn + d_pooled for d_rpn, d_pooled in zip(d_rpn_maps, d_pooled_maps)]
         d_maps += d_rpn_maps[len(d_pooled_maps):]  # the levels no RoI is pooled from: P6 (P3..P5)

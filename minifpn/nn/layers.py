@@ -13,6 +13,8 @@ class Conv2d(Module):
     """Convolution layer. x: (N, in_channels, H, W) -> (N, out_channels, OH, OW).
 
     weight: (out_channels, in_channels, KH, KW), kaiming-uniform (a=1); bias: (out_channels,), zero.
+    ``needs_input_grad`` False: ``backward`` returns None and skips the input gradient, for an input
+    nothing trained lies below (the first layer above a frozen backbone part: ``ResNet``'s freeze_at).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
@@ -30,6 +32,7 @@ class Conv2d(Module):
         self.weight = Parameter(xp.zeros((out_channels, in_channels, KH, KW), dtype=dtype))
         init.kaiming_uniform_(self.weight, a=1.0, rng=default_rng() if rng is None else rng)
         self.bias = Parameter(xp.zeros((out_channels,), dtype=dtype)) if bias else None
+        self.needs_input_grad = True
         self.cache = None
 
     def forward(self, x):
@@ -38,7 +41,7 @@ class Conv2d(Module):
         return out
 
     def backward(self, dout):
-        dx, dweight, dbias = F.conv2d_backward(dout, self._need_cache(self.cache))
+        dx, dweight, dbias = F.conv2d_backward(dout, self._need_cache(self.cache), self.needs_input_grad)
         self.weight.grad += dweight
         if self.bias is not None:
             self.bias.grad += dbias
