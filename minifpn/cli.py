@@ -887,7 +887,8 @@ def _pretrain_job(job) -> None:
 def _gradcheck_job(job) -> None:
     p = job("gradcheck", help="gradient-check every op and layer and print a table",
             description="Check every hand-written backward pass (conv2d, max_pool2d, "
-                        "upsample_nearest, batch_norm, relu, add and the layers built on them) "
+                        "upsample_nearest, batch_norm, relu, add, global_avg_pool2d, frozen_batch_norm, "
+                        "and the layers built on them) "
                         "against central-difference numerical gradients in float64, and print "
                         "one line per check: op, shape, max relative error, pass/fail. "
                         "Exits with status 1 if any check fails.")

@@ -40,10 +40,12 @@ def pretrain_config(iterations: int = PRETRAIN_ITERATIONS, batch_size: int = PRE
 
 
 def evaluate_classifier(classifier: DigitClassifier, split: str = "val", n: int = VAL_DIGITS,
-                        seed: int = 0, batch_size: int = 50) -> dict:
+                        seed: int | None = None, batch_size: int = 50) -> dict:
     """Accuracy of ``classifier`` on ``n`` single-digit images of ``split`` (the seed's source
-    digits of that split), overall and by the digit's size (small, medium, large: data.md).
+    digits of that split; None: the classifier's own seed, the split it was pre-trained on),
+    overall and by the digit's size (small, medium, large: data.md).
     Returns {"all": accuracy, "small": ..., "medium": ..., "large": ..., "count": {bucket: n}}."""
+    seed = classifier.config.seed if seed is None else seed
     scenes = DigitScenes(split, n=n, seed=seed, config=SceneConfig(**PRETRAIN_SCENES))
     predicted, truth, buckets = [], [], []
     for start in range(0, n, batch_size):

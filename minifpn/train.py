@@ -26,15 +26,15 @@ from .optim import SGD, learning_rate
 
 CHECKPOINT_FORMAT = 1
 
-# The models train() runs, by the name a checkpoint's meta["detector"] records (checkpoints made
-# before the two-stage detector have no such entry: they hold a one-stage Detector). The digit
-# classifier is what `minifpn pretrain` trains: a backbone for the detectors, not a detector.
-DETECTORS = {"one_stage": (Detector, DetectorConfig), "two_stage": (TwoStageDetector, TwoStageConfig),
-             "classifier": (DigitClassifier, ClassifierConfig)}
+# The detectors train() runs, by the name a checkpoint's meta["detector"] records (checkpoints made
+# before the two-stage detector have no such entry: they hold a one-stage Detector); MODELS adds
+# the digit classifier `minifpn pretrain` trains with the same loop, a backbone, not a detector.
+DETECTORS = {"one_stage": (Detector, DetectorConfig), "two_stage": (TwoStageDetector, TwoStageConfig)}
+MODELS = {**DETECTORS, "classifier": (DigitClassifier, ClassifierConfig)}
 
 
 def detector_kind(detector) -> str:
-    """The name in DETECTORS of ``detector``'s class: "one_stage", "two_stage" or "classifier"."""
+    """The name in MODELS of ``detector``'s class: "one_stage", "two_stage" or "classifier"."""
     return detector.kind
 
 # The linear scaling rule (Goyal et al. 2017, as Detectron): the peak learning rate is BASE_LR per
@@ -165,12 +165,13 @@ def check_arrays_match(ckpt: dict, detector: Detector, path) -> None:
         f"{k}={c[k]!r}" for k in ("setting", "widths", "blocks", "channels", "num_classes", "in_channels")
         if k in c) + ")"
     expected = {name: tuple(a.shape) for name, a in detector.state_dict().items()}
-    params = {name: tuple(p.shape) for name, p in detector.named_parameters()}
+    params = {name: tuple(p.shape) for name, p in detector.named_trainable_parameters()}  # have momentum
     problems = [f"array {k} is missing" for k in expected if k not in ckpt["model"]]
     problems += [f"array {k} is unexpected" for k in ckpt["model"] if k not in expected]
     problems += [f"array {k} has shape {tuple(v.shape)} but {described} expects {expected[k]}"
                  for k, v in ckpt["model"].items() if k in expected and tuple(v.shape) != expected[k]]
-    problems += [f"momentum optim/{k} belongs to no parameter" for k in ckpt["optim"] if k not in params]
+    problems += [f"momentum optim/{k} belongs to no trainable parameter" for k in ckpt["optim"]
+                 if k not in params]
     problems += [f"momentum optim/{k} has shape {tuple(v.shape)} but {described} expects {params[k]}"
                  for k, v in ckpt["optim"].items() if k in params and tuple(v.shape) != params[k]]
     if problems:
@@ -190,16 +191,20 @@ def detector_from_checkpoint(path, backend: str = "numpy"):
     names, one_stage without one) and load its weights."""
     ckpt = load_checkpoint(path)
     kind = ckpt["meta"].get("detector", "one_stage")
-    if kind not in DETECTORS:
+    if kind not in MODELS:
         raise CheckpointError(f"checkpoint {path} holds a detector of unknown kind {kind!r}; "
-                              f"expected one of {list(DETECTORS)}")
-    detector_class, config_class = DETECTORS[kind]
+                              f"expected one of {list(MODELS)}")
+    detector_class, config_class = MODELS[kind]
     try:
-        config = config_class.from_dict(ckpt["meta"]["detector_config"])
+        stored = dict(ckpt["meta"]["detector_config"])
+        # every weight is in the checkpoint: build without loading (or needing) a pre-trained backbone
+        config = config_class.from_dict({**stored, "pretrained": False} if "pretrained" in stored else stored)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} has no usable detector configuration "
                               f"({type(e).__name__}: {e})") from e
     detector = detector_class(config)
+    if "pretrained" in stored:
+        config.pretrained = bool(stored["pretrained"])  # as the run recorded it: how it started
     check_arrays_match(ckpt, detector, path)
     detector.load_state_dict(ckpt["model"])
     return detector.to(backend), ckpt
@@ -266,6 +271,7 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
     images_seen counts every image trained on up to and including that step; a two-stage
     detector adds rpn_cls, rpn_box, rcnn_cls and rcnn_box, and its cls and box sum both stages).
     """
+    check_pretraining_split(detector, config)  # before a folder is made
     run = _Run(detector, config, run_dir, log)
     if resume:
         run.resume(allow_changes)
@@ -317,7 +323,6 @@ class _Run:
                 f"{self.path} was not touched")
         self.detector, self.config, self.log = detector, config, log
         self.peak_lr = config.peak_lr()
-        check_pretraining_split(detector, config)
         # frozen parameters (the backbone's freeze_at) get no step and no weight decay
         self.optimizer = SGD(detector.named_trainable_parameters(), self.peak_lr, config.momentum,
                              config.weight_decay)
@@ -480,11 +485,11 @@ def evaluate_detector(detector: Detector, split: str = "test", n: int = 300, bat
     return metrics, detections, truths
 
 
-__all__ = ["BASE_BATCH", "BASE_LR", "CheckpointError", "DETECTORS", "TrainConfig", "TrainingDiverged",
-           "TrainingInterrupted", "check_arrays_match", "check_pretraining_split", "check_same_config",
-           "check_same_kind",
-           "detector_from_checkpoint", "detector_kind", "evaluate_detector", "load_checkpoint",
-           "save_checkpoint", "schedule_changes", "train", "weight_norms"]
+__all__ = ["BASE_BATCH", "BASE_LR", "CheckpointError", "DETECTORS", "MODELS", "TrainConfig",
+           "TrainingDiverged", "TrainingInterrupted", "check_arrays_match", "check_pretraining_split",
+           "check_same_config", "check_same_kind", "detector_from_checkpoint", "detector_kind",
+           "evaluate_detector", "load_checkpoint", "save_checkpoint", "schedule_changes", "train",
+           "weight_norms"]
 
 
 # ---- one run: train, then evaluate (the CLI's demo/train jobs and minifpn.table1's runner) ------

@@ -63,7 +63,7 @@ class DigitClassifier(Module):
     interface ``minifpn.train.train`` drives (each scene holds one digit; its box is not used);
     ``predict(images)`` gives the digit of each image."""
 
-    kind = "classifier"  # the name minifpn.train.DETECTORS and checkpoints know this class by
+    kind = "classifier"  # the name minifpn.train.MODELS and checkpoints know this class by
 
     def __init__(self, config: ClassifierConfig | None = None, dtype=DEFAULT_DTYPE, **overrides):
         super().__init__()
@@ -74,7 +74,7 @@ class DigitClassifier(Module):
 
     def logits(self, images):
         """images (N, in_channels, H, W), sides multiples of 32 -> logits (N, num_classes)."""
-        check_images(images, self.config.in_channels, values=False)
+        check_images(images, self.config.in_channels, values=False, who="DigitClassifier")
         c5 = self.backbone(images)[3]  # (N, W5, H / 32, W / 32)
         pooled, self.pool_cache = F.global_avg_pool2d(c5)  # (N, W5)
         return self.fc(pooled)
@@ -88,7 +88,12 @@ class DigitClassifier(Module):
         if N == 0 or len(targets) != N or any(len(t) != 1 for t in targets):
             raise ValueError(f"DigitClassifier.loss: expected one label per image for each of the "
                              f"{N} images, got {[len(t) for t in targets]} labels")
-        targets = np.concatenate(targets).astype(np.int64)
+        targets = np.concatenate(targets)
+        if targets.dtype.kind not in "iu":  # as Detector.loss: 2.7 must not quietly become digit 2
+            raise ValueError(f"DigitClassifier.loss: labels must be integers (digits), got dtype "
+                             f"{targets.dtype} {targets.tolist()}; float labels are refused even when "
+                             f"whole (1.0): use an int array")
+        targets = targets.astype(np.int64)
         if targets.min() < 0 or targets.max() >= self.config.num_classes:
             raise ValueError(f"DigitClassifier.loss: labels must be in [0, {self.config.num_classes}), "
                              f"got {targets.tolist()}")

@@ -21,16 +21,17 @@ def pad_images(images, multiple: int = TOP_STRIDE):
     return out
 
 
-def check_images(images, in_channels: int, values: bool = True):
+def check_images(images, in_channels: int, values: bool = True, who: str = "Detector"):
     """Shape (N, in_channels, H, W) with H, W multiples of 32; with ``values``, also no NaN
-    or infinity (one device-to-host sync; the count and place only on failure)."""
+    or infinity (one device-to-host sync; the count and place only on failure). ``who`` begins
+    each error message."""
     c = in_channels
     if getattr(images, "ndim", None) != 4 or images.shape[1] != c:
-        raise ValueError(f"Detector: expected images of shape (N, {c}, H, W), "
+        raise ValueError(f"{who}: expected images of shape (N, {c}, H, W), "
                          f"got {getattr(images, 'shape', type(images).__name__)}")
     H, W = images.shape[2:]
     if H % TOP_STRIDE or W % TOP_STRIDE:
-        raise ValueError(f"Detector: image sides must be multiples of {TOP_STRIDE} (the stride "
+        raise ValueError(f"{who}: image sides must be multiples of {TOP_STRIDE} (the stride "
                          f"of C5), got {H}x{W}; pad them with minifpn.models.detector."
                          f"pad_images(images), which adds zeros at the bottom and right")
     if values and not bool(get_array_module(images).isfinite(images).all()):
@@ -39,7 +40,7 @@ def check_images(images, in_channels: int, values: bool = True):
         what, where = "pixels", f"image {n}, row {row}, column {column}"
         if c > 1:
             what, where = "pixel values", f"image {n}, channel {channel}, row {row}, column {column}"
-        raise ValueError(f"Detector: images contain NaN or infinite values ({int(bad.sum())} of "
+        raise ValueError(f"{who}: images contain NaN or infinite values ({int(bad.sum())} of "
                          f"{bad.size} {what}, first at {where})")
 
 def check_targets(boxes, labels, N: int, H: int, W: int, num_classes: int):
