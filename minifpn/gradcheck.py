@@ -264,6 +264,41 @@ def _layer_checks(randn, distinct, rng, backend, seed):
     return results
 
 
+def _fine_tuning_checks(randn, uniform, backend, seed):
+    """The ops of the paper's fine-tuning regime: the classifier's global average pooling and the
+    frozen batch norm of a pre-trained backbone (its input gradient: nothing else in it trains)."""
+    from . import functional as F
+    from . import nn
+    results = []
+    for shape in [(2, 3, 5, 7), (1, 2, 1, 1)]:
+        state = {}
+
+        def gap_forward(x):
+            out, state["cache"] = F.global_avg_pool2d(x)
+            return out
+
+        results.append(check("global_avg_pool2d", str(shape), gap_forward,
+                             lambda d: {"x": F.global_avg_pool2d_backward(d, state["cache"])},
+                             {"x": randn(*shape)}))
+    C = 3
+    fixed = (randn(C), randn(C), randn(C), uniform(0.5, 2.0, C))  # weight, bias, mean, var
+    state = {}
+
+    def frozen_forward(x):
+        out, state["cache"] = F.frozen_batch_norm(x, *fixed)
+        return out
+
+    results.append(check("frozen_batch_norm", "(2, 3, 5, 4)", frozen_forward,
+                         lambda d: {"x": F.frozen_batch_norm_backward(d, state["cache"])},
+                         {"x": randn(2, C, 5, 4)}))
+    frozen = nn.FrozenBatchNorm2d(4).to(backend, dtype=np.float64)
+    frozen.weight, frozen.bias, frozen.running_mean = randn(4), randn(4), randn(4)
+    frozen.running_var = uniform(0.5, 2.0, 4)
+    results.append(check_module("FrozenBatchNorm2d", "(3, 4, 3, 5)", frozen, randn(3, 4, 3, 5),
+                                seed=seed))
+    return results
+
+
 def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
     """Gradient-check every functional op and every layer on small float64 inputs."""
     get_backend(backend)  # raises a clear error if the backend cannot be used
@@ -281,4 +316,5 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
     # the order of the draws from rng is part of the table's reproducibility: keep it
     return (_conv_checks(randn) + _pool_and_upsample_checks(randn, distinct)
             + _norm_and_elementwise_checks(randn, distinct, uniform)
-            + _layer_checks(randn, distinct, rng, backend, seed))
+            + _layer_checks(randn, distinct, rng, backend, seed)
+            + _fine_tuning_checks(randn, uniform, backend, seed))

@@ -58,7 +58,8 @@ def test_standard_checks_all_pass_and_cover_every_op_and_layer():
     results = standard_checks()
     ops = {r.op.split(" ")[0] for r in results}
     assert {"conv2d", "max_pool2d", "upsample_nearest", "batch_norm", "relu", "add", "Conv2d",
-            "BatchNorm2d", "ReLU", "MaxPool2d", "Upsample", "Sequential"} <= ops
+            "BatchNorm2d", "ReLU", "MaxPool2d", "Upsample", "Sequential", "Linear",
+            "global_avg_pool2d", "frozen_batch_norm", "FrozenBatchNorm2d"} <= ops
     assert all(r.passed for r in results), format_table(results)
     assert all(r.max_error < 1e-6 for r in results)
     table = format_table(results)
