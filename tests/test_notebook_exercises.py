@@ -42,6 +42,13 @@ def _tiny_pyramid_case():
     return fpn, features, fpn(features)[:4]  # the library's P2..P5
 
 
+def _tiny_frozen_bn_case():
+    # x (1, 2, 2, 3): C = 2 channels on maps 3 wide (a scale broadcast along W fails), and the four
+    # (C,) arrays weight, bias, running_mean, running_var; channel 1's variance is far below eps
+    x = np.arange(12.0).reshape(1, 2, 2, 3)
+    return x, np.array([1.0, 2.0]), np.array([0.5, -1.0]), np.array([3.0, 8.0]), np.array([4.0, 1e-7])
+
+
 # notebook -> {exercise function: tiny arguments to call it with}
 EXERCISES = {
     "01_convolution_and_im2col.ipynb": {
@@ -60,6 +67,9 @@ EXERCISES = {
     },
     "09_roialign_and_two_stage.ipynb": {
         "my_map_levels": lambda: (_tiny_level_boxes(), 2, 5, 32, 4),
+    },
+    "10_pretraining_and_freezing.ipynb": {
+        "my_frozen_batch_norm": _tiny_frozen_bn_case,
     },
 }
 
@@ -184,3 +194,69 @@ def test_top_down_solution_gives_the_library_values():
     assert [p.shape for p in got] == [p.shape for p in expected] == [(1, 2, s, s) for s in (5, 3, 2, 1)]
     for mine, want in zip(got, expected):
         np.testing.assert_allclose(mine, want, rtol=1e-6, atol=1e-6)  # the same float32 ops
+
+
+def _textbook_frozen_batch_norm(x, weight, bias, running_mean, running_var, eps=1e-5):
+    # eval-mode batch norm as it is usually written: right, though not regrouped as the library's
+    c = (1, -1, 1, 1)
+    return (weight.reshape(c) * (x - running_mean.reshape(c)) / np.sqrt(running_var.reshape(c) + eps)
+            + bias.reshape(c))
+
+
+def _wrong_frozen_batch_norms():
+    """{mistake: a my_frozen_batch_norm that makes it}: each must fail the notebook's check cell."""
+    c = (1, -1, 1, 1)
+
+    def no_eps(x, weight, bias, running_mean, running_var, eps=1e-5):
+        scale = weight / np.sqrt(running_var)
+        return x * scale.reshape(c) + (bias - running_mean * scale).reshape(c)
+
+    def fixed_eps(x, weight, bias, running_mean, running_var, eps=1e-5):
+        return _textbook_frozen_batch_norm(x, weight, bias, running_mean, running_var)  # eps ignored
+
+    def batch_statistics(x, weight, bias, running_mean, running_var, eps=1e-5):
+        mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))  # train-mode batch norm
+        return _textbook_frozen_batch_norm(x, weight, bias, mean, var, eps)
+
+    def shift_without_mean(x, weight, bias, running_mean, running_var, eps=1e-5):
+        scale = weight / np.sqrt(running_var + eps)
+        return x * scale.reshape(c) + bias.reshape(c)
+
+    def in_place(x, weight, bias, running_mean, running_var, eps=1e-5):
+        scale = weight / np.sqrt(running_var + eps)
+        x *= scale.reshape(c)  # overwrites the caller's x
+        x += (bias - running_mean * scale).reshape(c)
+        return x
+
+    def float64_out(x, weight, bias, running_mean, running_var, eps=1e-5):
+        return _textbook_frozen_batch_norm(x.astype(np.float64), weight, bias, running_mean,
+                                           running_var, eps)
+
+    return {f.__name__: f for f in (no_eps, fixed_eps, batch_statistics, shift_without_mean, in_place,
+                                    float64_out)}
+
+
+def test_frozen_batch_norm_solution_gives_the_library_values():
+    solved = namespace(USE_SOLUTIONS=True)
+    exec(source(exercise_cells("10_pretraining_and_freezing.ipynb")["my_frozen_batch_norm"][1]), solved)
+    x, weight, bias, mean, var = _tiny_frozen_bn_case()
+    got = solved["my_frozen_batch_norm"](x, weight, bias, mean, var)
+    np.testing.assert_allclose(got, F.frozen_batch_norm(x, weight, bias, mean, var)[0], rtol=1e-12)
+    by_hand = np.concatenate([(x[:, :1] - 3.0) / np.sqrt(4.0 + 1e-5) + 0.5,
+                              2.0 * (x[:, 1:] - 8.0) / np.sqrt(1e-7 + 1e-5) - 1.0], axis=1)
+    np.testing.assert_allclose(got, by_hand, rtol=1e-12, atol=1e-12)  # cancellation near 0
+    x32 = [a.astype(np.float32) for a in _tiny_frozen_bn_case()]
+    assert solved["my_frozen_batch_norm"](*x32).dtype == np.float32
+
+
+def test_frozen_batch_norm_check_cell_passes_right_answers_and_fails_wrong_ones(capsys):
+    _, solution, check = exercise_cells("10_pretraining_and_freezing.ipynb")["my_frozen_batch_norm"]
+    solved = namespace(USE_SOLUTIONS=True)
+    exec(source(solution), solved)
+    for right in (solved["my_frozen_batch_norm"], _textbook_frozen_batch_norm):
+        exec(source(check), namespace(my_frozen_batch_norm=right))
+        assert "correct!" in capsys.readouterr().out, right
+    for mistake, wrong in _wrong_frozen_batch_norms().items():
+        with pytest.raises(AssertionError):
+            exec(source(check), namespace(my_frozen_batch_norm=wrong))
+        assert "correct!" not in capsys.readouterr().out, f"the check cell passed {mistake}"
