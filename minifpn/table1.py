@@ -369,29 +369,41 @@ def _mean_std(cell: dict) -> str:
 
 def plot_regime_map(data: dict):
     """The regime map as a figure: AR_s of (c), (d), (f) per kind of scenes, then AP and AP_s of
-    the 10-digit (c) and (d); in each panel a pair of bars per setting (from scratch, the paper's
-    regime: mean ± std over seeds) with each seed a dot. Returns the matplotlib Figure."""
+    the 10-digit (c) and (d). In each panel, two markers per setting (from scratch, the paper's
+    regime: the mean over seeds as a square, ± std as its bar), each seed a dot beside it; the
+    AR_s panels give the paper's own AR^1k_s in their titles. Returns the matplotlib Figure."""
     import matplotlib.pyplot as plt
 
     panels = [(f"RPN, {scenes} scenes: AR_s", tables, "AR_small") for scenes, tables in data["rpn"].items()]
     panels += [("10 digits: AP", data["k10"], "AP"), ("10 digits: AP_s", data["k10"], "AP_small")]
     colours = {"scratch": "tab:gray", "paper": "tab:blue"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.9), squeeze=False)
+    seeds = set()
     for ax, (title, tables, metric) in zip(axes[0], panels):
         names = list(next(iter(tables.values())))
+        values = []
         for j, regime in enumerate(tables):
             x = [i + (j - 0.5) * 0.38 for i in range(len(names))]
             cells = [tables[regime][name][metric] for name in names]
-            ax.bar(x, [c["mean"] for c in cells], 0.36, yerr=[c["std"] for c in cells], capsize=3,
-                   color=colours[regime], alpha=0.55, label=REGIME_LABELS[regime].split(" (")[0])
+            ax.errorbar(x, [c["mean"] for c in cells], yerr=[c["std"] for c in cells], fmt="s", ms=7,
+                        capsize=4, color=colours[regime], label=REGIME_LABELS[regime].split(" (")[0])
             for xi, c in zip(x, cells):
-                ax.plot([xi] * len(c["values"]), c["values"], "o", color="black", markersize=3)
+                ax.plot([xi + 0.08] * len(c["values"]), c["values"], "o", color="black", markersize=3,
+                        label="one seed" if xi == x[0] and j == 0 else None)
+                values += c["values"]
+                seeds.add(len(c["values"]))
+        ax.set_ylim(max(0.0, min(values) - 8), max(values) + 4)  # the differences, not the zero line
         ax.set_xticks(range(len(names)), [f"({SETTINGS[n].letter}) {n}" for n in names], fontsize=8)
-        ax.set_title(title, fontsize=10)
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.grid(axis="y", alpha=0.3)
+        if metric == "AR_small" and all(n in PAPER_AR1K for n in names):
+            title += "\npaper's AR^1k_s: " + ", ".join(f"({SETTINGS[n].letter}) {PAPER_AR1K[n][1]:.1f}"
+                                                       for n in names)
+        ax.set_title(title, fontsize=9)
         ax.set_ylabel("%")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels + [], loc="lower center", ncol=2, fontsize=9, frameon=False)
-    fig.suptitle("The regime map: mean ± std over seeds 0, 1, 2, each seed a dot", fontsize=11)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False)
+    fig.suptitle(f"The regime map: mean ± std over {max(seeds)} seeds, each seed a dot", fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
