@@ -195,6 +195,22 @@ class ProbeResult:
                 "fit_digits": self.fit_digits, "scene_seed": self.scene_seed,
                 "seconds": round(self.seconds, 1)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ProbeResult:
+        """The inverse of ``to_dict`` (as read back from JSON): d["accuracy"], nested lists
+        (levels, seeds, buckets) with None for NaN, becomes the float64 array of that shape with
+        NaN there; setting, levels, counts, channels, fit_digits, scene_seed, buckets (as a tuple)
+        and seconds (rounded to 0.1 s by ``to_dict``) are kept; "summary" is left out (``mean``
+        and ``std`` recompute it from the accuracy)."""
+        levels, buckets = list(d["levels"]), tuple(d["buckets"])
+        accuracy = np.array([[[np.nan if v is None else v for v in seed] for seed in level]
+                             for level in d["accuracy"]], dtype=np.float64)
+        if accuracy.ndim != 3 or accuracy.shape[::2] != (len(levels), len(buckets)):
+            raise ValueError(f"ProbeResult.from_dict: expected accuracy (levels {len(levels)}, seeds, "
+                             f"buckets {len(buckets)}), got shape {accuracy.shape}")
+        return cls(d["setting"], levels, accuracy, dict(d["counts"]), dict(d["channels"]),
+                   d["fit_digits"], d["scene_seed"], buckets, seconds=d.get("seconds", 0.0))
+
     def _seeds(self, level: str, bucket: str) -> np.ndarray:
         """The accuracy of each seed whose resample holds a digit of ``bucket``."""
         values = self.accuracy[self.levels.index(level), :, self.buckets.index(bucket)]

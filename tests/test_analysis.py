@@ -6,6 +6,7 @@ import pytest
 
 from minifpn.analysis import (
     BUCKETS,
+    ProbeResult,
     box_cells,
     digit_features,
     fit_softmax,
@@ -185,6 +186,25 @@ def test_probe_levels_draws_its_digits_with_the_training_runs_seed(tiny):
 def test_probe_levels_refuses_bad_counts(tiny, scenes, seeds):
     with pytest.raises(ValueError, match="probe_levels: scenes and seeds must be integers >= 1"):
         probe_levels(tiny, scenes=scenes, seeds=seeds)
+
+
+def test_probe_result_from_dict_inverts_to_dict_through_json(tiny):
+    """A real result, with NaN where no scored digit has a size, comes back equal from its JSON."""
+    r = probe_levels(tiny, scenes=3, seeds=2, steps=20)
+    assert np.isnan(r.accuracy).any() and np.isfinite(r.accuracy).any()  # the test's premise
+    back = ProbeResult.from_dict(json.loads(json.dumps(r.to_dict())))  # NaN -> None (null) -> NaN
+    assert back.accuracy.dtype == np.float64 and back.accuracy.shape == r.accuracy.shape == (8, 2, 4)
+    np.testing.assert_array_equal(np.isnan(back.accuracy), np.isnan(r.accuracy))
+    np.testing.assert_array_equal(back.accuracy, r.accuracy)  # NaN in the same places, equal elsewhere
+    assert (back.setting, back.levels, back.buckets) == (r.setting, r.levels, r.buckets)
+    assert (r.setting, r.levels, r.buckets) == ("fpn", LEVELS, BUCKETS)
+    assert back.counts == r.counts and back.channels == r.channels
+    assert (back.fit_digits, back.scene_seed) == (r.fit_digits, r.scene_seed)
+    assert back.seconds == round(r.seconds, 1)
+    assert format_probe_table(back) == format_probe_table(r)
+    assert " - |" in format_probe_table(back)  # a size with no scored digit, shown as "-"
+    with pytest.raises(ValueError, match=r"ProbeResult.from_dict: expected accuracy \(levels 8, seeds, "):
+        ProbeResult.from_dict({**r.to_dict(), "accuracy": r.to_dict()["accuracy"][:7]})
 
 
 # ---- the CLI job: minifpn probe ----------------------------------------------------------------
