@@ -299,9 +299,11 @@ def summaries_from_reference(info: dict) -> list:
 
 def regime_effect(tables: dict, a: str = "fpn", b: str = "bottom_up", metric: str = "AR_small") -> dict:
     """How the difference a - b on ``metric`` moves from scratch to the paper's regime. ``tables``:
-    {regime: aggregate's table}, the two regimes over the same seeds. Per regime: the mean and std
-    over seeds of each seed's own difference (paired by seed) and ``beyond_spread``'s verdict;
-    then "change" = mean(paper) - mean(scratch), with "spread" = std(paper) + std(scratch)."""
+    {regime: aggregate's table}, the two regimes over the same seeds. Per regime: each seed's own
+    difference (paired by seed), their mean and std, and ``beyond_spread``'s verdict, whose spread
+    is the page's rule, std_a + std_b of the two settings. Then "change" = mean(paper) -
+    mean(scratch), beyond when it exceeds std(paper) + std(scratch) of the per-seed differences
+    (the spread of the quantity that changes)."""
     out = {}
     for regime, table in tables.items():
         diffs = [x - y for x, y in zip(table[a][metric]["values"], table[b][metric]["values"])
@@ -385,18 +387,21 @@ def plot_regime_map(data: dict):
         for j, regime in enumerate(tables):
             x = [i + (j - 0.5) * 0.38 for i in range(len(names))]
             cells = [tables[regime][name][metric] for name in names]
-            ax.errorbar(x, [c["mean"] for c in cells], yerr=[c["std"] for c in cells], fmt="s", ms=7,
+            nan = float("nan")  # a setting no seed measured: no marker
+            ax.errorbar(x, [nan if c["mean"] is None else c["mean"] for c in cells],
+                        yerr=[nan if c["std"] is None else c["std"] for c in cells], fmt="s", ms=7,
                         capsize=4, color=colours[regime], label=REGIME_LABELS[regime].split(" (")[0])
             for xi, c in zip(x, cells):
-                ax.plot([xi + 0.08] * len(c["values"]), c["values"], "o", color="black", markersize=3,
+                measured = [v for v in c["values"] if v is not None]  # None: a seed without such digits
+                ax.plot([xi + 0.08] * len(measured), measured, "o", color="black", markersize=3,
                         label="one seed" if xi == x[0] and j == 0 else None)
-                values += c["values"]
+                values += measured
                 seeds.add(len(c["values"]))
         ax.set_ylim(max(0.0, min(values) - 8), max(values) + 4)  # the differences, not the zero line
         ax.set_xticks(range(len(names)), [f"({SETTINGS[n].letter}) {n}" for n in names], fontsize=8)
         ax.set_xlim(-0.6, len(names) - 0.4)
         ax.grid(axis="y", alpha=0.3)
-        if metric == "AR_small" and all(n in PAPER_AR1K for n in names):
+        if title.startswith("RPN, plain") and all(n in PAPER_AR1K for n in names):  # COCO: no clutter
             title += "\npaper's AR^1k_s: " + ", ".join(f"({SETTINGS[n].letter}) {PAPER_AR1K[n][1]:.1f}"
                                                        for n in names)
         ax.set_title(title, fontsize=9)
