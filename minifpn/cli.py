@@ -113,29 +113,26 @@ def negative_iou(text: str) -> float:
     return value
 
 
+def _per_stage(text: str, letter: str) -> tuple:
+    """"X2,X3,X4,X5" -> (X2, X3, X4, X5), four positive integers, one per ResNet stage."""
+    try:
+        values = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be 4 positive integers separated by commas "
+                                         f"({','.join(f'{letter}{k}' for k in range(2, 6))}), got {text}")
+    return values
+
+
 def widths_list(text: str) -> tuple:
     """ResNet stage widths "W2,W3,W4,W5" -> (W2, W3, W4, W5), four positive integers."""
-    parts = text.split(",")
-    try:
-        widths = tuple(int(p) for p in parts)
-    except ValueError:
-        widths = ()
-    if len(widths) != 4 or min(widths) < 1:
-        raise argparse.ArgumentTypeError(
-            f"must be 4 positive integers separated by commas (W2,W3,W4,W5), got {text}")
-    return widths
+    return _per_stage(text, "W")
 
 
 def blocks_list(text: str) -> tuple:
     """BasicBlocks per ResNet stage "B2,B3,B4,B5" -> (B2, B3, B4, B5), four positive integers."""
-    try:
-        blocks = tuple(int(p) for p in text.split(","))
-    except ValueError:
-        blocks = ()
-    if len(blocks) != 4 or min(blocks) < 1:
-        raise argparse.ArgumentTypeError(
-            f"must be 4 positive integers separated by commas (B2,B3,B4,B5), got {text}")
-    return blocks
+    return _per_stage(text, "B")
 
 
 def freeze_at_value(text: str) -> int:

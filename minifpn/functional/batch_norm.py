@@ -14,6 +14,14 @@ from ..backend import get_array_module
 from ._checks import check_float, check_nchw
 
 
+def _check_per_channel(op: str, C: int, **arrays) -> None:
+    """Each of ``arrays`` (None: absent) must hold one value per channel: shape (C,)."""
+    for name, a in arrays.items():
+        if a is not None and tuple(a.shape) != (C,):
+            raise ValueError(f"{op}: input has {C} channels, expected {name} of shape ({C},), got "
+                             f"{tuple(a.shape)}")
+
+
 def batch_norm(x, gamma, beta, running_mean, running_var, training: bool,
                momentum: float = 0.1, eps: float = 1e-5):
     """y = gamma * (x - mean) / sqrt(var + eps) + beta, per channel.
@@ -30,11 +38,8 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training: bool,
     check_float(x, gamma, beta, running_mean, running_var, op="batch_norm",
                 names=("input", "weight", "bias", "running_mean", "running_var"))
     C = x.shape[1]
-    for name, a in (("weight", gamma), ("bias", beta), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        if a is not None and tuple(a.shape) != (C,):
-            raise ValueError(f"batch_norm: input has {C} channels, expected {name} of shape "
-                             f"({C},), got {tuple(a.shape)}")
+    _check_per_channel("batch_norm", C, weight=gamma, bias=beta, running_mean=running_mean,
+                       running_var=running_var)
     xp = get_array_module(x)
     M = x.shape[0] * x.shape[2] * x.shape[3]
     if training:
@@ -92,11 +97,8 @@ def frozen_batch_norm(x, weight, bias, running_mean, running_var, eps: float = 1
     check_float(x, weight, bias, running_mean, running_var, op="frozen_batch_norm",
                 names=("input", "weight", "bias", "running_mean", "running_var"))
     C = x.shape[1]
-    for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        if tuple(a.shape) != (C,):
-            raise ValueError(f"frozen_batch_norm: input has {C} channels, expected {name} of "
-                             f"shape ({C},), got {tuple(a.shape)}")
+    _check_per_channel("frozen_batch_norm", C, weight=weight, bias=bias, running_mean=running_mean,
+                       running_var=running_var)
     xp = get_array_module(x)
     scale = weight / xp.sqrt(running_var + eps)
     shift = bias - running_mean * scale

@@ -22,7 +22,7 @@ from ..backend import DEFAULT_DTYPE, backend_name, default_rng, to_device, to_nu
 from ..functional._checks import integer
 from ..nn import Linear, Module
 from .inputs import check_images
-from .resnet import ResNet
+from .resnet import ResNet, resnet_fields
 
 
 @dataclass
@@ -46,8 +46,7 @@ class ClassifierConfig:
 
     def backbone_fields(self) -> dict:
         """What fixes the bottom-up ResNet's shape: in_channels, widths, blocks, stem_kernel."""
-        return {"in_channels": self.in_channels, "widths": self.widths, "blocks": self.blocks,
-                "stem_kernel": self.stem_kernel}
+        return resnet_fields(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from .. import table1
 from ..detection.anchors import ANCHOR_SIZES, ASPECT_RATIOS
 from ..functional._checks import integer, is_int
-from .resnet import check_freeze_at, check_norm
+from .resnet import check_freeze_at, check_norm, resnet_fields
 
 
 @dataclass
@@ -61,8 +61,7 @@ class DetectorConfig:
 
     def backbone_fields(self) -> dict:
         """What fixes the bottom-up ResNet's shape: in_channels, widths, blocks, stem_kernel."""
-        return {"in_channels": self.in_channels, "widths": self.widths, "blocks": self.blocks,
-                "stem_kernel": self.stem_kernel}
+        return resnet_fields(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

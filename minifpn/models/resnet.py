@@ -173,6 +173,15 @@ class ResNet(Module):
         return self.conv1.backward(self.bn1.backward(F.relu_backward(d, self.stem_relu_cache)))
 
 
+RESNET_FIELDS = ("in_channels", "widths", "blocks", "stem_kernel")  # what fixes a ResNet's shape
+
+
+def resnet_fields(config) -> dict:
+    """The fields of a config (DetectorConfig, ClassifierConfig) that fix its ResNet's shape,
+    {"in_channels", "widths", "blocks", "stem_kernel"}: what a pre-trained backbone must match."""
+    return {name: getattr(config, name) for name in RESNET_FIELDS}
+
+
 def check_norm(norm, where: str) -> str:
     """``norm`` if it is one of NORMS, else a ValueError naming the choices."""
     if norm not in NORMS:
