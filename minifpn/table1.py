@@ -2,9 +2,8 @@
 
 Everything about that experiment lives here, in one place:
 
-- ``SETTINGS``: the six rows (a)-(f), in the paper's order, each with its letter, its name (the
-  ``setting`` of ``DetectorConfig``) and one description; ``LETTERS`` maps letters to names and
-  ``resolve`` accepts either;
+- ``SETTINGS``, ``LETTERS``, ``resolve``: the six rows (a)-(f), defined in
+  ``minifpn.models.settings`` with the models that build them, and named here too;
 - ``PAPER_AR1K``, ``PAPER_AR100``: the paper's numbers; ``PAPER_RPN``: how it trains the RPNs;
 - ``run_ablation``: train every setting at one budget, evaluate each, and write table1.json and
   table1.md (the ``minifpn ablation`` command only parses its options and calls it);
@@ -23,35 +22,12 @@ import dataclasses
 import json
 import os
 import statistics
-from dataclasses import dataclass
 
+from .models.detector import Detector
+from .models.settings import CHOICES, LETTERS, SETTINGS, Setting, resolve
+from .train import train_and_evaluate
 
-@dataclass(frozen=True)
-class Setting:
-    """One row of Table 1: its letter in the paper, its name here, what the head sees."""
-
-    letter: str
-    name: str
-    description: str
-
-    @property
-    def label(self) -> str:
-        """"(c) FPN: P2..P6, one anchor size per level": the row as tables print it."""
-        return f"({self.letter}) {self.description}"
-
-
-SETTINGS = {s.name: s for s in (  # in the paper's order, (a) to (f)
-    Setting("a", "c4", "single-scale: head on C4, anchors of every size there"),
-    Setting("b", "c5", "single-scale: head on C5, anchors of every size there"),
-    Setting("c", "fpn", "FPN: P2..P6, one anchor size per level"),
-    Setting("d", "bottom_up", "bottom-up pyramid, no top-down pathway"),
-    Setting("e", "no_lateral", "top-down pyramid without lateral connections"),
-    Setting("f", "p2_only", "only the finest level P2 of the full pathway, anchors of every size"),
-)}
-LETTERS = {s.letter: s.name for s in SETTINGS.values()}  # "c" -> "fpn"
-# what resolve accepts, as its error message (and the CLI's) lists it
-CHOICES = f"{', '.join(SETTINGS)} or a Table 1 letter {min(LETTERS)}-{max(LETTERS)}"
-
+# The settings themselves live with the models that build them (minifpn.models.settings).
 # The paper's Table 1 (RPN proposals of ResNet-50 on COCO minival), in %. PAPER_AR1K: average
 # recall with 1000 proposals per image, overall and for small, medium and large objects
 # (AR^1k, AR^1k_s, AR^1k_m, AR^1k_l); PAPER_AR100: its AR^100 column, with 100 proposals.
@@ -72,15 +48,6 @@ ITERATIONS = 600  # training steps per setting of `minifpn ablation` (the run in
 OUR_COLUMNS = {"AR@100": "AR@100", "AR_small": "AR_s", "AR_medium": "AR_m", "AR_large": "AR_l",
                "AP": "AP", "AP50": "AP50"}
 PAPER_COLUMNS = ("paper AR^100", "paper AR^1k", "paper AR^1k_s", "paper AR^1k_m", "paper AR^1k_l")
-
-
-def resolve(setting: str) -> str:
-    """A Table 1 setting by name ("fpn") or letter ("c") -> its name ("fpn")."""
-    key = setting.strip() if isinstance(setting, str) else setting
-    name = LETTERS.get(key, key)
-    if name not in SETTINGS:
-        raise ValueError(f"setting must be one of {CHOICES}, got {setting!r}")
-    return name
 
 
 def markdown_table(summaries: list) -> str:
@@ -111,9 +78,6 @@ def run_ablation(settings, detector_config, train_config, out_dir: str, eval_sce
     Setting s trains in ``out_dir``/s (checkpoint.npz, metrics.json). ``time_limit`` (seconds)
     applies to each setting. ``log`` gets the progress lines; ``report``, if given, is called with
     each summary as soon as its setting is done (the CLI prints the metrics there)."""
-    from .models.detector import Detector  # here, not at the top: models/ may import this module
-    from .train import train_and_evaluate
-
     summaries = []
     for name in [resolve(s) for s in settings]:  # a bad name fails before any training
         log(f"\n=== {SETTINGS[name].label} ===")

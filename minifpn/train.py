@@ -19,6 +19,7 @@ import numpy as np
 from .backend import default_rng, get_array_module, to_device, to_numpy
 from .data import DigitScenes, SceneConfig
 from .detection.metrics import evaluate, without_labels
+from .functional._checks import integer, is_real
 from .models.classifier import ClassifierConfig, DigitClassifier
 from .models.detector import Detector, DetectorConfig
 from .models.two_stage import TwoStageConfig, TwoStageDetector
@@ -86,6 +87,29 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     scenes: dict = field(default_factory=dict)  # SceneConfig overrides, e.g. {"max_objects": 4}
+
+    def __post_init__(self):
+        where = "TrainConfig"
+        for name, minimum in (("iterations", 1), ("batch_size", 1), ("warmup", 0), ("checkpoint_every", 1),
+                              ("seed", 0)):
+            setattr(self, name, integer(getattr(self, name), name, where, minimum))
+        if self.lr is not None and not (is_real(self.lr) and self.lr > 0):
+            raise ValueError(f"{where}: lr must be a positive finite number (or None: the linear "
+                             f"scaling rule), got {self.lr!r}")
+        if not (is_real(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"{where}: momentum must be a number in [0, 1), got {self.momentum!r}")
+        if not (is_real(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"{where}: weight_decay must be a finite number >= 0, got "
+                             f"{self.weight_decay!r}")
+        self.milestones = tuple(self.milestones)
+        if not all(is_real(m) and 0 < m <= 1 for m in self.milestones) or \
+                list(self.milestones) != sorted(set(self.milestones)):
+            raise ValueError(f"{where}: milestones must be increasing fractions of the run in (0, 1], "
+                             f"got {self.milestones!r}")
+        try:
+            SceneConfig(**self.scenes)
+        except (TypeError, ValueError) as e:  # an unknown field, or a bad value
+            raise ValueError(f"{where}: scenes {self.scenes!r} are not a SceneConfig: {e}") from None
 
     def peak_lr(self) -> float:
         """The learning rate after warm-up: ``lr``, or BASE_LR * batch_size / BASE_BATCH."""

@@ -1,6 +1,7 @@
 """Input checks shared by the functional ops: each failure names what was expected."""
 from __future__ import annotations
 
+import math
 import numbers
 
 from ..backend import get_array_module
@@ -11,6 +12,11 @@ def is_int(value) -> bool:
     if type(value) is int:  # the common case, without the slower abstract-class check below
         return True
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # np.bool_ is not Integral
+
+
+def is_real(value) -> bool:
+    """True for a finite real number: an int, a float or a NumPy scalar; False for bools, NaN, inf."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def integer(value, name: str, op: str, minimum: int) -> int:

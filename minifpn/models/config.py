@@ -3,10 +3,22 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .. import table1
 from ..detection.anchors import ANCHOR_SIZES, ASPECT_RATIOS
-from ..functional._checks import integer, is_int
+from ..functional._checks import integer, is_int, is_real
 from .resnet import check_freeze_at, check_norm, resnet_fields
+from .settings import SETTINGS, resolve
+
+NORMALIZERS = ("sampled", "positives")  # what Detector.loss divides by: the sampled anchors, or the positives
+
+
+# (0 allowed, 1 allowed) for each labelling number: IoUs >= positive_iou are objects, < negative_iou
+# background; positive_fraction is the largest share of positives among the sampled anchors
+LABELLING_RANGES = {"positive_iou": (False, True), "negative_iou": (True, False),
+                    "positive_fraction": (False, True)}
+
+
+def _positive_number(value) -> bool:
+    return is_real(value) and value > 0
 
 
 @dataclass
@@ -41,7 +53,7 @@ class DetectorConfig:
     norm: str = "bn"  # "bn": batch statistics; "frozen_bn": fixed scale and shift (FrozenBatchNorm2d)
 
     def __post_init__(self):
-        self.setting = table1.resolve(self.setting)  # a Table 1 letter ("c") becomes its name
+        self.setting = resolve(self.setting)  # a Table 1 letter ("c") becomes its name
         # NumPy integer scalars become Python ints (the config is saved as JSON); bools and
         # floats such as 2.5 are refused, with the field's name
         for name in ("num_classes", "in_channels", "stem_kernel", "channels", "anchors_per_image"):
@@ -49,8 +61,8 @@ class DetectorConfig:
         self.seed = integer(self.seed, "seed", "DetectorConfig", 0)
         self.widths = tuple(integer(w, "each of widths", "DetectorConfig", 1) for w in self.widths)
         self.blocks = tuple(integer(b, "each of blocks", "DetectorConfig", 1) for b in self.blocks)
-        self.anchor_sizes = tuple(int(s) if is_int(s) else s for s in self.anchor_sizes)
-        self.aspect_ratios = tuple(self.aspect_ratios)
+        self._check_anchors()
+        self._check_labelling()
         self.freeze_at = check_freeze_at(self.freeze_at, "DetectorConfig")
         self.norm = check_norm(self.norm, "DetectorConfig")
         if not isinstance(self.pretrained, bool):
@@ -58,6 +70,36 @@ class DetectorConfig:
         if self.pretrained:  # refuse now, by what is shipped, rather than when the weights load
             from ..weights import find_backbone
             find_backbone(self.backbone_fields(), self.seed)
+
+    def _check_anchors(self) -> None:
+        """Positive sizes and ratios; one size per map where the setting is a pyramid (its anchor
+        rows must line up with the head's output rows, map by map)."""
+        self.anchor_sizes = tuple(int(s) if is_int(s) else s for s in self.anchor_sizes)
+        self.aspect_ratios = tuple(self.aspect_ratios)
+        for name in ("anchor_sizes", "aspect_ratios"):
+            values = getattr(self, name)
+            if not values or not all(_positive_number(v) for v in values):
+                raise ValueError(f"DetectorConfig: {name} must be positive numbers, got {values!r}")
+        maps = SETTINGS[self.setting].head_maps
+        if SETTINGS[self.setting].one_size_per_level and len(self.anchor_sizes) != len(maps):
+            raise ValueError(f"DetectorConfig: setting {self.setting!r} puts one anchor size on each of "
+                             f"{', '.join(maps)}: anchor_sizes needs {len(maps)} sizes, got "
+                             f"{len(self.anchor_sizes)} {self.anchor_sizes}")
+
+    def _check_labelling(self) -> None:
+        """The anchor labelling's thresholds, share and normaliser (Detector.loss explains them)."""
+        for name, (zero, one) in LABELLING_RANGES.items():
+            value = getattr(self, name)
+            above = is_real(value) and (0 <= value if zero else 0 < value)
+            if not (above and (value <= 1 if one else value < 1)):
+                interval = f"{'[' if zero else '('}0, 1{']' if one else ')'}"
+                raise ValueError(f"DetectorConfig: {name} must be a number in {interval}, got {value!r}")
+        if self.negative_iou >= self.positive_iou:
+            raise ValueError(f"DetectorConfig: negative_iou must be below positive_iou (an anchor cannot "
+                             f"be both), got {self.negative_iou!r} >= {self.positive_iou!r}")
+        if self.normalize_by not in NORMALIZERS:
+            raise ValueError(f"DetectorConfig: normalize_by must be one of "
+                             f"{', '.join(map(repr, NORMALIZERS))}, got {self.normalize_by!r}")
 
     def backbone_fields(self) -> dict:
         """What fixes the bottom-up ResNet's shape: in_channels, widths, blocks, stem_kernel."""

@@ -1,7 +1,7 @@
 """The detector: bottom-up ResNet, FPN (or one backbone map), and a head shared across levels.
 
 ``setting`` switches between the rows (a)-(f) of the paper's Table 1, named and described in
-``minifpn.table1.SETTINGS`` (an RPN ablation there; here a 10-digit detector, so K = 10, and
+``minifpn.models.settings.SETTINGS`` (an RPN ablation there; here a 10-digit detector, so K = 10, and
 K = 1 gives the paper's RPN exactly).
 Images must have sides that are multiples of 32 (the stride of C5): use ``pad_images``.
 """
