@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import functional as F
 from .backend import to_device, to_numpy
 from .data import DigitScenes, size_bucket
 from .models.inputs import check_images
@@ -154,9 +155,7 @@ def fit_softmax(X: np.ndarray, y: np.ndarray, num_classes: int = NUM_DIGITS, ste
     W, b = np.zeros((C, num_classes)), np.zeros(num_classes)
     for _ in range(steps):
         logits = Z @ W + b
-        p = np.exp(logits - logits.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        d_logits = (p - onehot) / D  # the gradient of the mean cross-entropy
+        d_logits = (F.softmax(logits, axis=1) - onehot) / D  # the gradient of the mean cross-entropy
         W -= step * (Z.T @ d_logits + l2 * W)
         b -= step * d_logits.sum(axis=0)
     return SoftmaxProbe(mean, std, W, b)

@@ -20,7 +20,7 @@ from .models.detector import DetectorConfig
 from .models.resnet import FREEZE_AT
 
 DEFAULTS = DetectorConfig()
-DEMO_ITERATIONS = 2600  # of DEMO_BATCH_SIZE scenes: 248 s on 2 cores on 2026-12-01 (docs/results.md)
+DEMO_ITERATIONS = 2600  # of DEMO_BATCH_SIZE scenes: about 4 minutes on 2 cores (docs/results.md)
 DEMO_BATCH_SIZE = 6  # the AP50 of 8 scenes per step from 11 % fewer images (docs/results.md)
 DEMO_MILESTONES = (0.85, 0.95)  # lr x0.1 later than train's default: naming digits is still improving
 DEMO_TIME_LIMIT = 600  # a guard, in seconds, not a budget: over 2x what the demo's steps take on 2 cores
@@ -694,7 +694,7 @@ def _training_options(p, iterations, time_limit=0, name=None, milestones=None, b
     train = train_module.TrainConfig()
     milestones = train.milestones if milestones is None else milestones
     batch_size = train.batch_size if batch_size is None else batch_size
-    base_lr, base_batch = (getattr(train_module, "BASE_LR", None), getattr(train_module, "BASE_BATCH", None))
+    base_lr, base_batch = train_module.BASE_LR, train_module.BASE_BATCH
     p.add_argument("--setting", type=setting_name, default=DEFAULTS.setting,
                    help="Table 1 setting, by name or letter: "
                         + ", ".join(f"{s.name} ({s.letter})" for s in table1.SETTINGS.values()))
@@ -940,11 +940,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     validate(args, parser.jobs[args.job].error)  # every check before any work
-    from . import train as train_module
     from .backend import reuse_freed_memory
     from .train import CheckpointError, TrainingDiverged
-    # raised by train() after it checkpointed the last completed step on Ctrl-C
-    interrupted = getattr(train_module, "TrainingInterrupted", ())
+    from .train import TrainingInterrupted as interrupted  # raised after the last step is checkpointed
     reuse_freed_memory()  # NumPy's many large temporaries: about 2x faster convs (performance.md)
     try:
         return args.run(args)

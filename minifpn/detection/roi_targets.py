@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import functional as F
 from ..backend import to_numpy
 from .anchors import sample_anchors
 from .boxes import batched_nms, box_iou, clip_boxes, decode, encode
@@ -107,8 +108,7 @@ def decode_detections(cls_score, bbox_pred, rois, image_size, score_threshold: f
     deltas = to_numpy(bbox_pred).astype(np.float64)
     rois = np.asarray(to_numpy(rois), np.float64).reshape(-1, 4)
     R, K1 = logits.shape
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = F.softmax(logits, axis=1)
     boxes = decode_rois(deltas.reshape(R * K1, 4), np.repeat(rois, K1, axis=0), weights)
     boxes = clip_boxes(boxes, *image_size).reshape(R, K1, 4)[:, 1:].reshape(-1, 4)
     scores = probs[:, 1:].reshape(-1)  # (R * K,), RoI-major like the boxes

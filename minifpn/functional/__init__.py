@@ -18,6 +18,7 @@ from .losses import (
                      binary_cross_entropy_with_logits_backward,
                      smooth_l1,
                      smooth_l1_backward,
+                     softmax,
                      softmax_cross_entropy,
                      softmax_cross_entropy_backward,
 )
@@ -28,7 +29,7 @@ from .upsample import nearest_source_index, upsample_nearest, upsample_nearest_b
 __all__ = [
     "add", "add_backward", "binary_cross_entropy_with_logits",
     "binary_cross_entropy_with_logits_backward", "smooth_l1", "smooth_l1_backward",
-    "softmax_cross_entropy", "softmax_cross_entropy_backward", "batch_norm", "batch_norm_backward",
+    "softmax", "softmax_cross_entropy", "softmax_cross_entropy_backward", "batch_norm", "batch_norm_backward",
     "frozen_batch_norm", "frozen_batch_norm_backward", "global_avg_pool2d", "global_avg_pool2d_backward",
     "col2im", "conv2d",
     "conv2d_backward", "conv2d_simple", "conv_output_size", "im2col", "linear", "linear_backward",

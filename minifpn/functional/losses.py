@@ -8,6 +8,16 @@ from __future__ import annotations
 from ..backend import get_array_module
 
 
+def softmax(logits, axis: int = -1):
+    """Probabilities from scores along ``axis``: exp(x - max) / sum(exp(x - max)), any shape.
+    Subtracting each row's max first does not change the result and keeps exp from overflowing.
+    (Inference only: the training losses work with the log-softmax inside them.)"""
+    xp = get_array_module(logits)
+    probs = xp.exp(logits - logits.max(axis=axis, keepdims=True))
+    probs /= probs.sum(axis=axis, keepdims=True)
+    return probs
+
+
 def softmax_cross_entropy(logits, targets, normalizer: float = 1.0):
     """-sum_i log softmax(logits_i)[targets_i] / normalizer.
 

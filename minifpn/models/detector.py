@@ -208,9 +208,7 @@ class Detector(Module):
             return []
         with self.evaluating():
             logits, deltas, anchors_l, _ = self._head_outputs(images)
-        xp = get_array_module(logits)
-        probs = xp.exp(logits - logits.max(axis=2, keepdims=True))  # softmax over K + 1 classes
-        probs /= probs.sum(axis=2, keepdims=True)
+        probs = F.softmax(logits, axis=2)  # over the K + 1 classes
         probs, deltas = to_numpy(probs), to_numpy(deltas)
         return [postprocess_image(probs[n, :, 1:], deltas[n], anchors_l, images.shape[2:],
                                   score_threshold, nms_iou, top_k, max_detections)

@@ -14,6 +14,7 @@ from .. import functional as F
 from ..backend import DEFAULT_DTYPE, default_rng, get_array_module
 from ..functional._checks import integer
 from ..nn import Conv2d, Module, ModuleList
+from .inputs import halved_sizes
 
 VARIANTS = ("fpn", "bottom_up", "no_lateral", "p2_only")  # Table 1's (c), (d), (e), (f)
 EXTRA_BLOCKS = ("maxpool", "p6p7", None)
@@ -279,11 +280,11 @@ class FPN(Module):
 def _check_halving(k, fine, coarse):
     """C(k+1) must be C_k halved (floor or ceil) in height and width, with the same batch."""
     for axis, name in ((2, "height"), (3, "width")):
-        if coarse.shape[axis] not in (fine.shape[axis] // 2, (fine.shape[axis] + 1) // 2):
+        if coarse.shape[axis] not in halved_sizes(fine.shape[axis]):
             raise ValueError(
                 f"FPN: sizes must halve from level to level; C{k} has {name} "
-                f"{fine.shape[axis]}, so C{k + 1} should have {fine.shape[axis] // 2} or "
-                f"{(fine.shape[axis] + 1) // 2}, got {coarse.shape[axis]}")
+                f"{fine.shape[axis]}, so C{k + 1} should have "
+                f"{' or '.join(map(str, halved_sizes(fine.shape[axis])))}, got {coarse.shape[axis]}")
     if coarse.shape[0] != fine.shape[0]:
         raise ValueError(f"FPN: batch sizes differ between C{k} and C{k + 1}")
 

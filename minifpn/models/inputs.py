@@ -21,6 +21,12 @@ def pad_images(images, multiple: int = TOP_STRIDE):
     return out
 
 
+def halved_sizes(size: int) -> tuple[int, int]:
+    """The sizes a side of ``size`` may have one level up: halved with floor or with ceil (a
+    ResNet stage halves ceil-wise; a pooled map may floor)."""
+    return size // 2, (size + 1) // 2
+
+
 def check_images(images, in_channels: int, values: bool = True, who: str = "Detector"):
     """Shape (N, in_channels, H, W) with H, W multiples of 32; with ``values``, also no NaN
     or infinity (one device-to-host sync; the count and place only on failure). ``who`` begins

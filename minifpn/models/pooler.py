@@ -14,6 +14,7 @@ from ..backend import backend_name, get_array_module, to_device, to_numpy
 from ..detection.levels import check_level_args, map_levels
 from ..functional._checks import check_float, check_nchw, is_int, pair
 from ..nn import Module
+from .inputs import halved_sizes
 
 
 def _check_levels(levels) -> tuple[int, ...]:
@@ -88,7 +89,7 @@ class RoIPooler(Module):
         check_float(*features, rois, op="RoIPooler", names=(*(f"P{k}" for k in self.levels), "rois"))
         N, C = features[0].shape[:2]
         for k, fine, coarse in zip(self.levels[1:], features, features[1:]):
-            halved = all(c in (f // 2, (f + 1) // 2) for f, c in zip(fine.shape[2:], coarse.shape[2:]))
+            halved = all(c in halved_sizes(f) for f, c in zip(fine.shape[2:], coarse.shape[2:]))
             if coarse.shape[:2] != (N, C) or not halved:
                 raise ValueError(f"RoIPooler: the P{k} map {tuple(coarse.shape)} does not follow the "
                                  f"P{k - 1} map {tuple(fine.shape)}: expected the same N and C and "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from .. import functional as F
 from ..backend import DEFAULT_DTYPE, backend_name, default_rng, get_array_module, to_device, to_numpy
 from ..detection.boxes import clip_boxes, nms
 from ..detection.postprocess import MIN_BOX_SIZE, level_candidates
@@ -156,8 +157,7 @@ def rpn_proposals(logits, deltas, anchors_per_level, image_size, pre_nms_top_n: 
     are plain host numbers, outside the graph: the paper's approximate joint training.
     """
     xp = get_array_module(logits)
-    probs = xp.exp(logits - logits.max(axis=2, keepdims=True))  # softmax over (background, object)
-    objectness = probs[..., 1:] / probs.sum(axis=2, keepdims=True)  # (N, T, 1): p(object)
+    objectness = F.softmax(logits, axis=2)[..., 1:]  # (N, T, 1): p(object) against background
     host = to_numpy(xp.concatenate([objectness, deltas], axis=2))  # one device read
     H, W = image_size
     proposals = []
@@ -275,7 +275,7 @@ class TwoStageDetector(Module):
             check_targets(boxes, labels, N, H, W, c.num_classes)
         self._loss_cache = None
         # stage 1: backbone, FPN, RPN head and the RPN's anchor loss, one forward
-        rpn_loss, rpn_parts = self.rpn.loss(images, boxes, labels, rng)
+        _, rpn_parts = self.rpn.loss(images, boxes, labels, rng)
         if proposals is None:
             proposals = self.rpn.proposals(c.pre_nms_top_n_train, c.post_nms_top_n_train, c.rpn_nms_iou)
         elif len(proposals) != N:
