@@ -4,8 +4,9 @@
     Mk = lateralk(Ck) + upsample(M(k+1), size of Ck)    for k = 4, 3, 2: 2x nearest, then add
     Pk = outputk(Mk)                                    a 3x3 conv on every merged map
     P6 = max_pool2d(P5, kernel_size=1, stride=2)        subsampling, for the largest anchors
-No non-linearities. The same class switches to the paper's Table 1 ablations with ``variant``
-(described in ``minifpn.table1``); the switches live in the small step methods below, so that
+No non-linearities. The same class builds the paper's Table 1 ablations with ``variant``
+(described in ``minifpn.models.settings``), decided once in ``__init__`` as which branches each
+merge has (``has_lateral``, ``has_top_down``) and which levels are output (``predicting``), so that
 ``forward`` reads as the four equations. The traced maps (``trace=True``) are listed in docs/fpn.md.
 """
 from __future__ import annotations
@@ -116,28 +117,28 @@ class FPN(Module):
         elif extra_block == "p6p7":  # from C5 (RetinaNet's paper) needs C5's channels in
             p6_in = self.in_channels_list[-1] if p6p7_from == "c5" else out_channels
             self.extra_blocks = LastLevelP6P7(p6_in, out_channels, dtype, rng)
+        # the Table 1 variant, decided here once: which branches each merge has, what is output
+        n = len(self.levels)
+        self.has_lateral = [variant != "no_lateral" or i == n - 1 for i in range(n)]  # (e): C5's only
+        self.has_top_down = variant != "bottom_up"  # (d) has none
+        self.predicting = [0] if variant == "p2_only" else list(range(n))  # list indices of the Pk out
+        n_extra = {"maxpool": 1, "p6p7": 2, None: 0}[extra_block]
+        self.output_levels = ([self.levels[i] for i in self.predicting]
+                              + [self.levels[-1] + j for j in range(1, n_extra + 1)])  # 2..6 (7)
         self.trace = trace
         self.maps, self.grads = {}, {}
         self.upsample_caches = None  # set by forward, used by backward
 
     # ---- the names of what comes out ----------------------------------------------------
     @property
-    def predicting(self) -> list[int]:
-        """List indices of the levels whose Pk is returned: [0] (P2) for "p2_only", else all."""
-        return [0] if self.variant == "p2_only" else list(range(len(self.levels)))
-
-    @property
     def output_names(self) -> list[str]:
         """Names of the maps ``forward`` returns, e.g. ["P2", "P3", "P4", "P5", "P6"]."""
-        names = [f"P{self.levels[i]}" for i in self.predicting]
-        top = self.levels[-1]
-        n_extra = {"maxpool": 1, "p6p7": 2, None: 0}[self.extra_block]
-        return names + [f"P{top + j}" for j in range(1, n_extra + 1)]
+        return [f"P{k}" for k in self.output_levels]
 
     @property
     def strides(self) -> list[int]:
         """Stride of each output map: 2 ** level (4, 8, 16, 32, 64, ...)."""
-        return [2 ** int(name[1:]) for name in self.output_names]
+        return [2 ** k for k in self.output_levels]
 
     # ---- forward: the top-down pathway ------------------------------------------------
     def forward(self, features, check_finite: bool = True):
@@ -151,11 +152,7 @@ class FPN(Module):
         ``check_finite=False`` leaves the NaN/inf check of C2..C5 (one device read) to a caller
         that reads ``inputs_finite(features)`` with its own results, as ``Detector.loss`` does.
         """
-        self._check(features)
-        if check_finite and not bool(self.inputs_finite(features)):  # one sync for all levels
-            self.raise_not_finite(features)
-        self.maps, self.grads = {}, {}
-        self.upsample_caches = [None] * len(features)
+        self._start(features, check_finite)
         top = len(features) - 1
         merged = [None] * len(features)
         merged[top] = self._trace("M", top, self._lateral(top, features[top]))  # M5 = lateral5(C5)
@@ -165,21 +162,33 @@ class FPN(Module):
         outputs = [self.layer_blocks[i](merged[i]) for i in self.predicting]  # Pk = outputk(Mk), 3x3
         if self.extra_blocks is not None:  # P6 (and P7) from P5 (or C5)
             outputs += self.extra_blocks(outputs[-1], features[-1])
+        self._record_outputs(features, outputs)
+        return outputs
+
+    def _start(self, features, check_finite: bool) -> None:
+        """Check the inputs (and their values: one sync for all levels); empty the trace."""
+        self._check(features)
+        if check_finite and not bool(self.inputs_finite(features)):
+            self.raise_not_finite(features)
+        self.maps, self.grads = {}, {}
+        self.upsample_caches = [None] * len(features)
+
+    def _record_outputs(self, features, outputs) -> None:
+        """Trace the outputs P2..P6 and the inputs C2..C5 by name (with ``trace``)."""
         for name, value in zip(self.output_names, outputs):
             self._record(self.maps, name, value)
         for k, c in zip(self.levels, features):
             self._record(self.maps, f"C{k}", c)
-        return outputs
 
     def _lateral(self, i, c):
         """lateral_k(C_k): the 1x1 conv to d channels. None in (e), which keeps only C5's."""
-        if self.variant == "no_lateral" and i != len(self.levels) - 1:
+        if not self.has_lateral[i]:
             return None
         return self._trace("lateral", i, self.inner_blocks[i](c))
 
     def _top_down(self, i, coarser, size):
         """upsample(M_(k+1)) to the size of C_k, nearest. None in (d), the bottom-up pyramid."""
-        if self.variant == "bottom_up":
+        if not self.has_top_down:
             return None
         top_down, self.upsample_caches[i] = F.upsample_nearest(coarser, size)
         return self._trace("topdown", i, top_down)
@@ -226,7 +235,7 @@ class FPN(Module):
         if d_m is None:
             return None, None
         self._trace("M", i, d_m, self.grads)
-        has_lateral, has_top_down = self.variant != "no_lateral", self.variant != "bottom_up"
+        has_lateral, has_top_down = self.has_lateral[i], self.has_top_down
         if has_lateral and has_top_down and self.fuse == "avg":
             d_m = d_m * 0.5  # M = (lateral + top-down) / 2
         return (self._trace("lateral", i, d_m, self.grads) if has_lateral else None,
