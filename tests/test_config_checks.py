@@ -41,8 +41,8 @@ def test_the_anchor_rows_match_the_head_rows_for_every_accepted_config():
                       {"setting": "c4", "anchor_sizes": (16, 32, 64)}):
         det = Detector(DetectorConfig(widths=(4, 4, 4, 4), channels=4, **overrides))
         images = np.zeros((2, 1, 128, 128), np.float32)
-        logits, _, anchors, _ = det._head_outputs(images)
-        assert logits.shape[1] == sum(len(a) for a in anchors), overrides
+        out = det.forward(images)
+        assert out.logits.shape[1] == sum(len(a) for a in out.anchors), overrides
 
 
 def test_detector_config_keeps_the_values_it_accepts():

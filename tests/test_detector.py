@@ -73,13 +73,13 @@ def test_shared_head_gradient_is_the_sum_over_levels(rng):
     d_logits = [rng.standard_normal(x.shape) for x in logits]
     d_deltas = [rng.standard_normal(x.shape) for x in deltas]
     det.head.zero_grad()
-    det.head.backward(d_logits, d_deltas)
+    det.head.backward((d_logits, d_deltas))
     together = det.head.conv.weight.grad.copy()
     per_level = []
     for i in range(len(maps)):
         det.head.zero_grad()
         det.head([maps[i]])
-        det.head.backward([d_logits[i]], [d_deltas[i]])
+        det.head.backward(([d_logits[i]], [d_deltas[i]]))
         per_level.append(det.head.conv.weight.grad.copy())
     assert len(per_level) == 5 and all(np.abs(g).max() > 0 for g in per_level)
     np.testing.assert_allclose(together, sum(per_level), rtol=1e-12)

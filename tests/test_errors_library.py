@@ -119,7 +119,7 @@ MODULES = {  # name: (build, call backward with arguments of the right kind)
     "FPN": (lambda: FPN([4, 4, 8, 8], 8), lambda m: m.backward([f32(1, 8, 2, 2)] * 5)),
     "LastLevelP6P7": (lambda: LastLevelP6P7(8, 8), lambda m: m.backward([f32(1, 8, 2, 2), None])),
     "DetectionHead": (lambda: DetectionHead(8, 8, 3, 2),
-                      lambda m: m.backward([f32(1, 9, 2, 2)], [f32(1, 12, 2, 2)])),
+                      lambda m: m.backward(([f32(1, 9, 2, 2)], [f32(1, 12, 2, 2)]))),
     "Detector": (lambda: small_detector(), lambda m: m.backward()),
 }
 

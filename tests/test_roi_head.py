@@ -163,7 +163,7 @@ class Joined(nn.Module):
         return get_array_module(cls).concatenate([cls, box], axis=1)
 
     def backward(self, dout):
-        return self.head.backward(dout[:, :self.split], dout[:, self.split:])
+        return self.head.backward((dout[:, :self.split], dout[:, self.split:]))
 
 
 def small_head(dtype=np.float64, **kwargs):
@@ -204,9 +204,9 @@ def test_head_backward_adds_to_grad_and_keeps_dout(backend, rng):
     d_box = to_device(rng.standard_normal((4, 16)), backend)
     before = to_numpy(d_cls).copy(), to_numpy(d_box).copy()
     head(x)
-    head.backward(d_cls, d_box)
+    head.backward((d_cls, d_box))
     once = to_numpy(head.fc6.weight.grad).copy()
-    head.backward(d_cls, d_box)
+    head.backward((d_cls, d_box))
     np.testing.assert_allclose(to_numpy(head.fc6.weight.grad), 2 * once, rtol=1e-12)
     np.testing.assert_array_equal(to_numpy(d_cls), before[0])
     np.testing.assert_array_equal(to_numpy(d_box), before[1])
@@ -216,8 +216,8 @@ def test_head_with_zero_rois(backend):
     head = small_head(np.float32).to(backend)
     cls, box = head(to_device(np.zeros((0, 2, 3, 3), np.float32), backend))
     assert cls.shape == (0, 4) and box.shape == (0, 16)
-    dx = head.backward(to_device(np.zeros((0, 4), np.float32), backend),
-                       to_device(np.zeros((0, 16), np.float32), backend))
+    dx = head.backward((to_device(np.zeros((0, 4), np.float32), backend),
+                        to_device(np.zeros((0, 16), np.float32), backend)))
     assert dx.shape == (0, 2, 3, 3)
     assert not any(to_numpy(p.grad).any() for p in head.parameters())
 
@@ -225,7 +225,7 @@ def test_head_with_zero_rois(backend):
 def test_head_errors():
     head = small_head(np.float32)
     with pytest.raises(nn.BackwardBeforeForward, match="FastRCNNHead.backward called before forward"):
-        head.backward(np.zeros((1, 4), np.float32), np.zeros((1, 16), np.float32))
+        head.backward((np.zeros((1, 4), np.float32), np.zeros((1, 16), np.float32)))
     with pytest.raises(ValueError, match=r"expected features of shape \(R, 2, 3, 3\).*got \(1, 3, 3, 3\)"):
         head(np.zeros((1, 3, 3, 3), np.float32))
     with pytest.raises(ValueError, match=r"expected features of shape \(R, 2, 3, 3\).*got \(1, 2, 7, 7\)"):
@@ -255,7 +255,7 @@ def test_head_matches_torchvision(dtype, backend, rng):
     cls, box = ours(to_device(x, backend))
     d_cls = rng.standard_normal(cls.shape).astype(dtype)
     d_box = rng.standard_normal(box.shape).astype(dtype)
-    dx = ours.backward(to_device(d_cls, backend), to_device(d_box, backend))
+    dx = ours.backward((to_device(d_cls, backend), to_device(d_box, backend)))
 
     tx = torch.tensor(x, requires_grad=True)
     t_cls, t_box = predictor(box_head(tx))

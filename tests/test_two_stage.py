@@ -16,7 +16,6 @@ from minifpn.detection.boxes import box_iou, nms
 from minifpn.gradcheck import directional_check, numerical_gradient, rel_error
 from minifpn.models.detector import Detector, DetectorConfig
 from minifpn.models.two_stage import (
-    PyramidRPN,
     TwoStageConfig,
     TwoStageDetector,
     nms_top,
@@ -287,7 +286,8 @@ def test_config_is_a_detector_config_plus_the_second_stage():
     rpn = c.rpn_config()
     assert type(rpn) is DetectorConfig and rpn.num_classes == 1 and rpn.widths == c.widths
     assert TwoStageConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
-    assert isinstance(TwoStageDetector(c).rpn, PyramidRPN)
+    rpn = TwoStageDetector(c).rpn  # the one-stage detector as the paper's RPN, composed
+    assert type(rpn) is Detector and rpn.config == c.rpn_config()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -307,8 +307,10 @@ def test_bad_config_values_are_named(overrides, message):
 def test_bad_detector_arguments(rng):
     with pytest.raises(TypeError, match="expected a TwoStageConfig, got DetectorConfig"):
         TwoStageDetector(DetectorConfig())
-    with pytest.raises(ValueError, match="PyramidRPN: .* num_classes = 1; got num_classes = 10"):
-        PyramidRPN(DetectorConfig())
+    ten = Detector(DetectorConfig(widths=(4, 4, 4, 4), channels=4))
+    with pytest.raises(ValueError, match=r"proposals come from an RPN \(num_classes = 1\), got "
+                                         r"num_classes = 10"):
+        ten.proposals(ten.forward(np.zeros((1, 1, 64, 64), np.float32)), 10, 5)
     det = tiny()
     images, boxes, labels = scene_batch(rng)
     with pytest.raises(ValueError, match=r"labels of image 0 must lie in \[0, 3\)"):

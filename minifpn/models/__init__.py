@@ -4,9 +4,9 @@ from .fpn import FPN, VARIANTS, LastLevelMaxPool, LastLevelP6P7
 from .pooler import RoIPooler
 from .resnet import BasicBlock, ResNet, resnet18, resnet_small
 from .roi_head import FastRCNNHead, fast_rcnn_loss, fast_rcnn_loss_backward
-from .two_stage import PyramidRPN, TwoStageConfig, TwoStageDetector
+from .two_stage import TwoStageConfig, TwoStageDetector
 
 __all__ = ["ClassifierConfig", "DigitClassifier",
            "FPN", "VARIANTS", "LastLevelMaxPool", "LastLevelP6P7", "BasicBlock", "ResNet", "resnet18",
            "resnet_small", "FastRCNNHead", "fast_rcnn_loss", "fast_rcnn_loss_backward", "RoIPooler",
-           "PyramidRPN", "TwoStageConfig", "TwoStageDetector"]
+           "TwoStageConfig", "TwoStageDetector"]

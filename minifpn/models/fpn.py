@@ -278,6 +278,11 @@ class FPN(Module):
         xp = get_array_module(*features)
         return xp.stack([xp.isfinite(c).all() for c in features]).all()
 
+    def finite_check(self, features):
+        """(``inputs_finite(features)``, a function that raises its error): for a caller that
+        reads the flag together with its own results, in one device read (``Detector.forward``)."""
+        return self.inputs_finite(features), lambda: self.raise_not_finite(features)
+
     def raise_not_finite(self, features):
         """After ``inputs_finite`` said False: name the first level with NaN or infinity."""
         xp = get_array_module(*features)

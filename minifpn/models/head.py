@@ -8,7 +8,7 @@ Because one set of weights serves every level, the head keeps one cache per leve
 from __future__ import annotations
 
 from .. import functional as F
-from ..backend import DEFAULT_DTYPE, default_rng
+from ..backend import DEFAULT_DTYPE, default_rng, get_array_module
 from ..functional._checks import integer
 from ..nn import Conv2d, Module, init
 
@@ -51,12 +51,13 @@ class DetectionHead(Module):
             all_deltas.append(deltas)
         return all_logits, all_deltas
 
-    def backward(self, d_logits, d_deltas):
+    def backward(self, grads):
         """Per-level gradients of logits and deltas -> per-level gradients of the features.
 
-        d_logits, d_deltas: lists shaped as forward's two outputs (forward returns two lists, so
-        backward takes two); returns a list of (N, in_channels, H_l, W_l)."""
+        grads: (d_logits, d_deltas), two lists shaped as forward's two outputs (the gradient of
+        what forward returned, in its structure); returns a list of (N, in_channels, H_l, W_l)."""
         caches = self._need_cache(self.caches)
+        d_logits, d_deltas = grads
         d_features = []
         for d_l, d_d, (conv_cache, relu_cache, cls_cache, box_cache) in zip(
                 d_logits, d_deltas, caches):
@@ -72,3 +73,38 @@ class DetectionHead(Module):
             self.conv.bias.grad += db
             d_features.append(dx)
         return d_features
+
+
+# ---- the head's outputs as one row per anchor, and back -------------------------------------
+
+def flatten_outputs(logits_l, deltas_l, per_class: int):
+    """Per-map outputs -> one row per anchor over all maps: logits (N, T, K + 1), deltas (N, T, 4);
+    per map (N, A * (K + 1), H, W) and (N, A * 4, H, W), rows in (map, y, x, anchor) order."""
+    xp = get_array_module(logits_l[0])
+    return (xp.concatenate([_flatten(x, per_class) for x in logits_l], axis=1),
+            xp.concatenate([_flatten(x, 4) for x in deltas_l], axis=1))
+
+
+def unflatten_outputs(d_logits, d_deltas, sizes, num_anchors: int):
+    """The inverse, for gradients: (N, T, K + 1) and (N, T, 4) -> (per-map d logits, per-map
+    d deltas), maps of ``sizes`` [(H_l, W_l)], ``num_anchors`` per cell: what ``backward`` takes."""
+    d_logits_l, d_deltas_l, start = [], [], 0
+    for (h, w) in sizes:  # undo the flattening, map by map
+        end = start + h * w * num_anchors
+        d_logits_l.append(_unflatten(d_logits[:, start:end], h, w))
+        d_deltas_l.append(_unflatten(d_deltas[:, start:end], h, w))
+        start = end
+    return d_logits_l, d_deltas_l
+
+
+def _flatten(x, per_anchor: int):
+    """(N, A * per_anchor, H, W) -> (N, H * W * A, per_anchor), rows in (y, x, anchor) order."""
+    N, _, H, W = x.shape
+    return x.transpose(0, 2, 3, 1).reshape(N, -1, per_anchor)
+
+
+def _unflatten(d, H: int, W: int):
+    """The inverse of ``_flatten`` for gradients: (N, H * W * A, per_anchor) -> (N, A * per_anchor, H, W)."""
+    xp = get_array_module(d)
+    N = d.shape[0]
+    return xp.ascontiguousarray(d.reshape(N, H, W, -1).transpose(0, 3, 1, 2))

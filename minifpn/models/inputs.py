@@ -81,3 +81,19 @@ def check_targets(boxes, labels, N: int, H: int, W: int, num_classes: int):
         if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
             raise ValueError(f"Detector.loss: labels of image {n} must lie in "
                              f"[0, {num_classes}), got {lab.tolist()}")
+
+
+def check_batch(images, boxes, labels, in_channels: int, num_classes: int, any_label: bool = False):
+    """A training batch: images (N, in_channels, H, W) with N >= 1, and boxes and labels as
+    ``check_targets`` wants them -> host copies (boxes, labels). ``any_label``: the paper's RPN,
+    every digit is "an object", so the labels become zeros before the check."""
+    check_images(images, in_channels, values=False)
+    if images.shape[0] == 0:
+        raise ValueError("Detector.loss: the batch is empty (N = 0 images); a loss needs at "
+                         "least one image")
+    N, _, H, W = images.shape
+    boxes, labels = [to_numpy(b) for b in boxes], [to_numpy(lab) for lab in labels]
+    if any_label:
+        labels = [np.zeros(len(b.reshape(-1, 4)), np.int64) for b in boxes]
+    check_targets(boxes, labels, N, H, W, num_classes)
+    return boxes, labels

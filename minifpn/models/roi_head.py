@@ -68,10 +68,12 @@ class FastRCNNHead(Module):
         self.cache = (features.shape, relu6, relu7)
         return self.cls_score(h7), self.bbox_pred(h7)
 
-    def backward(self, d_cls, d_box):
-        """Gradients of forward's two outputs, (R, K + 1) and (R, 4 * (K + 1)) -> d features
-        (R, C, P, P); every parameter's gradient is added to its ``.grad``."""
+    def backward(self, grads):
+        """grads: (d_cls, d_box), the gradients of forward's two outputs, (R, K + 1) and
+        (R, 4 * (K + 1)) -> d features (R, C, P, P); every parameter's gradient is added to its
+        ``.grad``."""
         features_shape, relu6, relu7 = self._need_cache(self.cache)
+        d_cls, d_box = grads
         dh7 = self.cls_score.backward(d_cls) + self.bbox_pred.backward(d_box)  # h7 fed both
         dh6 = self.fc7.backward(F.relu_backward(dh7, relu7))
         dx = self.fc6.backward(F.relu_backward(dh6, relu6))

@@ -22,16 +22,14 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .. import functional as F
 from ..backend import DEFAULT_DTYPE, backend_name, default_rng, get_array_module, to_device, to_numpy
-from ..detection.boxes import clip_boxes, nms
-from ..detection.postprocess import MIN_BOX_SIZE, level_candidates
+from ..detection.postprocess import nms_top, rpn_proposals  # noqa: F401  (named here as before)
 from ..detection.roi_targets import decode_detections, sample_rois
 from ..functional._checks import integer
 from ..nn import Module
 from .config import DetectorConfig
 from .detector import Detector
-from .inputs import check_images, check_targets
+from .inputs import check_images
 from .pooler import RoIPooler
 from .roi_head import FastRCNNHead, fast_rcnn_loss, fast_rcnn_loss_backward
 
@@ -92,109 +90,6 @@ class TwoStageConfig(DetectorConfig):
         return DetectorConfig(**{**shared, "num_classes": 1})
 
 
-class PyramidRPN(Detector):
-    """The paper's RPN on the pyramid (Sec. 4.1): the one-stage ``Detector`` with K = 1 (one
-    anchor size per level, three aspect ratios, a head shared across P2..P6). It owns the
-    backbone and the FPN, whose maps the second stage shares, and it adds what that stage needs:
-        ``forward(images)``: the network up to the head, without a loss;
-        ``maps``, ``outputs``: the maps P2..P6 and the head's per-anchor outputs of the last
-            forward (also the one inside ``loss``), from which ``proposals`` are made;
-        ``bottom_up``: that forward's C2..C5, for a second stage that pools from C4;
-        (``Detector.head_backward`` gives the last RPN loss's gradient on P2..P6, stopping
-        before the FPN, so that Fast R-CNN's gradient on the maps can join it.)
-    """
-
-    def __init__(self, config: DetectorConfig, dtype=DEFAULT_DTYPE):
-        if config.num_classes != 1:
-            raise ValueError(f"PyramidRPN: the RPN tells object from background, num_classes = 1; "
-                             f"got num_classes = {config.num_classes}")
-        super().__init__(config, dtype)
-        self.maps = self.outputs = self.image_size = self.bottom_up = None  # set by every forward
-
-    def features(self, images, *args, **kwargs):
-        """``Detector.features``, remembering the maps P2..P6 for the second stage."""
-        self.maps = super().features(images, *args, **kwargs)
-        self.image_size = tuple(images.shape[2:])
-        return self.maps
-
-    def maps_from_backbone(self, c2_to_c5, *args, **kwargs):
-        """``Detector.maps_from_backbone``, remembering C2..C5 in ``bottom_up``."""
-        self.bottom_up = c2_to_c5
-        return super().maps_from_backbone(c2_to_c5, *args, **kwargs)
-
-    def _head_outputs(self, images, *args, **kwargs):
-        """``Detector._head_outputs``, remembering (logits, deltas, anchors, sizes)."""
-        self.outputs = super()._head_outputs(images, *args, **kwargs)
-        return self.outputs
-
-    def forward(self, images):
-        """images (N, C_in, H, W) -> the maps P2..P6 (also kept in ``maps``); the head's outputs
-        are kept in ``outputs``: logits (N, T, 2), deltas (N, T, 4), anchors, sizes."""
-        self._loss_cache = None  # the layers' caches now hold this forward: no backward of a loss
-        self._head_outputs(images)
-        return self.maps
-
-    def proposals(self, pre_nms_top_n: int, post_nms_top_n: int, nms_iou: float = 0.7):
-        """The proposals of each image of the last forward (``rpn_proposals``): a list of N
-        host arrays (P_n, 4) (x1, y1, x2, y2), best objectness first."""
-        if self.outputs is None:
-            raise RuntimeError("PyramidRPN.proposals called before a forward or loss")
-        logits, deltas, anchors_l, _ = self.outputs
-        return rpn_proposals(logits, deltas, anchors_l, self.image_size, pre_nms_top_n,
-                             post_nms_top_n, nms_iou)
-
-
-def rpn_proposals(logits, deltas, anchors_per_level, image_size, pre_nms_top_n: int = 1000,
-                  post_nms_top_n: int = 300, nms_iou: float = 0.7) -> list:
-    """The RPN's proposals of each image (Faster R-CNN, Sec. 3.3, per pyramid level as in FPN).
-
-    logits (N, T, 2) (background, object), deltas (N, T, 4), on any backend; anchors_per_level:
-    list of host (T_l, 4) with sum T_l = T; image_size (H, W). Per image: on each level, the
-    pre_nms_top_n anchors of highest objectness p(object) are decoded; the boxes are clipped to
-    the image, those with a side <= MIN_BOX_SIZE dropped, and NMS at ``nms_iou`` over all
-    levels together keeps the best ``post_nms_top_n``.
-    Returns a list of N host float64 arrays (P_n, 4), P_n <= post_nms_top_n, best first. They
-    are plain host numbers, outside the graph: the paper's approximate joint training.
-    """
-    xp = get_array_module(logits)
-    objectness = F.softmax(logits, axis=2)[..., 1:]  # (N, T, 1): p(object) against background
-    host = to_numpy(xp.concatenate([objectness, deltas], axis=2))  # one device read
-    H, W = image_size
-    proposals = []
-    for n in range(host.shape[0]):
-        boxes, scores, start = [], [], 0
-        for anchors in anchors_per_level:  # the best pre_nms_top_n of each level
-            end = start + len(anchors)
-            level_boxes, level_scores, _ = level_candidates(
-                host[n, start:end, :1], host[n, start:end, 1:], anchors, 0.0, pre_nms_top_n)
-            boxes.append(level_boxes)
-            scores.append(level_scores)
-            start = end
-        boxes, scores = clip_boxes(np.concatenate(boxes), H, W), np.concatenate(scores)
-        wide = ((boxes[:, 2] - boxes[:, 0]) > MIN_BOX_SIZE) & ((boxes[:, 3] - boxes[:, 1]) > MIN_BOX_SIZE)
-        boxes, scores = boxes[wide], scores[wide]
-        proposals.append(boxes[nms_top(boxes, scores, nms_iou, post_nms_top_n)])
-    return proposals
-
-
-def nms_top(boxes, scores, iou_threshold: float, count: int) -> np.ndarray:
-    """The first ``count`` boxes that greedy NMS (``boxes.nms``) keeps, best first (host).
-
-    Greedy NMS decides each box by the kept boxes ranked above it alone, so NMS on the best m
-    boxes keeps exactly the boxes NMS on all would keep among those m. Try m = count, 2 count,
-    ... until ``count`` survive or every box was tried: an untrained RPN's boxes barely overlap,
-    and NMS over all ~2,000 of them would cost ~2,000 steps for the 300 kept.
-    boxes (B, 4), scores (B,) -> indices (<= count,) into boxes."""
-    order = np.argsort(-np.asarray(scores), kind="stable")  # as nms orders them
-    m = count
-    while True:
-        top = order[:m]
-        keep = top[nms(boxes[top], scores[top], iou_threshold)]
-        if len(keep) >= count or m >= len(order):
-            return keep[:count]
-        m *= 2
-
-
 def rois_with_batch_index(boxes_per_image, dtype, backend: str):
     """List of N host (R_n, 4) boxes -> one (sum R_n, 5) array of rows (n, x1, y1, x2, y2), the
     RoI format of ``roi_align``, on ``backend`` in ``dtype``."""
@@ -208,7 +103,8 @@ class TwoStageDetector(Module):
     labels)`` then ``backward()`` trains both stages at once; ``predict(images)`` returns boxes,
     scores and labels per image, as ``Detector`` does, so ``minifpn.train`` runs it unchanged.
 
-    Parts: ``rpn`` (a ``PyramidRPN``: backbone, FPN, RPN head), ``pooler`` (RoIAlign over the
+    Parts: ``rpn`` (the one-stage ``Detector`` with K = 1: backbone, FPN, RPN head; its forward
+    record of the last loss or predict is ``rpn_out``), ``pooler`` (RoIAlign over the
     levels of ``config.pooling``), ``roi_head`` (a ``FastRCNNHead``).
 
     ``config.pooling`` picks the maps the RoIs are pooled from: "pyramid" (P2..P5 by Eq. (1),
@@ -225,12 +121,13 @@ class TwoStageDetector(Module):
         self.config = c = config or TwoStageConfig(**overrides)
         if not isinstance(c, TwoStageConfig):
             raise TypeError(f"TwoStageDetector: expected a TwoStageConfig, got {type(c).__name__}")
-        self.rpn = PyramidRPN(c.rpn_config(), dtype)
+        self.rpn = Detector(c.rpn_config(), dtype)  # the paper's RPN: the one-stage detector, K = 1
         self.pooler = RoIPooler(POOLINGS[c.pooling], c.pool_size, c.sampling_ratio)
         pooled_channels = c.widths[2] if c.pooling == "c4" else c.channels  # C4's, or d
         self.roi_head = FastRCNNHead(pooled_channels, c.pool_size, c.hidden, c.num_classes, dtype,
                                      c.seed + 3)
         self.proposals = None  # the last loss's or predict's proposals, a list of host (P_n, 4)
+        self.rpn_out = None  # the RPN's DetectorOutput of the last loss or predict: maps, C2..C5
         self._loss_cache = None  # set by loss, used by backward
 
     # the RPN's backbone and FPN are the detector's: the names train.py and the figures use
@@ -250,8 +147,8 @@ class TwoStageDetector(Module):
         """rois (R, 5) on the maps' device -> pooled (R, C, OH, OW) from the last forward's maps:
         P2..P5 (C = d), P2, or C4 (C = widths[2])."""
         if self.config.pooling == "c4":
-            return self.pooler([self.rpn.bottom_up[2]], rois)
-        return self.pooler(self.rpn.maps[:len(self.pooler.levels)], rois)
+            return self.pooler([self.rpn_out.bottom_up[2]], rois)
+        return self.pooler(self.rpn_out.maps[:len(self.pooler.levels)], rois)
 
     # ---- training -------------------------------------------------------------------------
     def loss(self, images, boxes, labels, rng=None, proposals=None):
@@ -267,17 +164,16 @@ class TwoStageDetector(Module):
         training on fixed proposals; a gradient check); the RPN is trained either way.
         """
         c, rng = self.config, default_rng() if rng is None else rng
-        check_images(images, c.in_channels, values=False)  # the shape, to unpack it
-        N, _, H, W = images.shape
-        boxes = [to_numpy(b).reshape(-1, 4) for b in boxes]  # host: sampling is bookkeeping
-        labels = [to_numpy(lab).reshape(-1) for lab in labels]
-        if N:  # (an empty batch: the RPN's loss refuses it, in its own words)
-            check_targets(boxes, labels, N, H, W, c.num_classes)
+        boxes, labels = self.rpn.check_batch(images, boxes, labels, c.num_classes)  # host, checked once
+        boxes, labels = [b.reshape(-1, 4) for b in boxes], [lab.reshape(-1) for lab in labels]
+        N = images.shape[0]
         self._loss_cache = None
-        # stage 1: backbone, FPN, RPN head and the RPN's anchor loss, one forward
-        _, rpn_parts = self.rpn.loss(images, boxes, labels, rng)
+        # stage 1: backbone, FPN, RPN head and the RPN's anchor loss (every digit "an object")
+        self.rpn_out = out = self.rpn.forward(images)
+        _, rpn_parts = self.rpn.loss_of(out, boxes, [np.zeros(len(b), np.int64) for b in boxes], rng)
         if proposals is None:
-            proposals = self.rpn.proposals(c.pre_nms_top_n_train, c.post_nms_top_n_train, c.rpn_nms_iou)
+            proposals = self.rpn.proposals(out, c.pre_nms_top_n_train, c.post_nms_top_n_train,
+                                           c.rpn_nms_iou)
         elif len(proposals) != N:
             raise ValueError(f"TwoStageDetector.loss: expected proposals for each of the {N} images, "
                              f"got {len(proposals)}")
@@ -285,8 +181,7 @@ class TwoStageDetector(Module):
         # stage 2: sample RoIs per image, pool them from the shared maps, classify and regress
         sampled = [sample_rois(p, b, lab, rng, c.rois_per_image, c.roi_positive_fraction)
                    for p, b, lab in zip(proposals, boxes, labels)]
-        rois = rois_with_batch_index([s[0] for s in sampled], self.rpn.maps[0].dtype,
-                                     backend_name(images))
+        rois = rois_with_batch_index([s[0] for s in sampled], out.maps[0].dtype, backend_name(images))
         roi_labels = np.concatenate([s[1] for s in sampled])
         roi_targets = np.concatenate([s[2] for s in sampled])
         cls_score, bbox_pred = self.roi_head(self._pool(rois))
@@ -309,14 +204,11 @@ class TwoStageDetector(Module):
         the sum walks the FPN and the backbone back once. With pooling "c4", Fast R-CNN's
         gradient on C4 is added to the one the FPN sends there, before the backbone."""
         fast_rcnn_cache = self._need_cache(self._loss_cache, "loss")
-        d_cls, d_box = fast_rcnn_loss_backward(fast_rcnn_cache)
-        d_pooled_maps = self.pooler.backward(self.roi_head.backward(d_cls, d_box))  # P2..P5, or C4
+        d_pooled_maps = self.pooler.backward(self.roi_head.backward(fast_rcnn_loss_backward(
+            fast_rcnn_cache)))  # P2..P5, or C4
         d_rpn_maps = self.rpn.head_backward()  # P2..P6
-        if self.config.pooling == "c4":
-            d_bottom_up = list(self.rpn.fpn.backward(d_rpn_maps))  # [dC2, dC3, dC4, dC5]
-            d_c4 = d_bottom_up[2]  # None where C4 comes from a frozen stage (freeze_at >= 4)
-            d_bottom_up[2] = d_pooled_maps[0] if d_c4 is None else d_c4 + d_pooled_maps[0]  # C4 fed both
-            return self.rpn.backbone.backward(d_bottom_up)
+        if self.config.pooling == "c4":  # C4 fed the FPN and the RoIs: its two gradients add
+            return self.rpn.features_backward(d_rpn_maps, [None, None, d_pooled_maps[0], None])
         d_maps = [d_rpn + d_pooled for d_rpn, d_pooled in zip(d_rpn_maps, d_pooled_maps)]
         d_maps += d_rpn_maps[len(d_pooled_maps):]  # the levels no RoI is pooled from: P6 (P3..P5)
         return self.rpn.features_backward(d_maps)
@@ -330,14 +222,15 @@ class TwoStageDetector(Module):
         box is decoded from its own deltas, and ``decode_detections`` thresholds, suppresses per
         class (NMS at ``nms_iou``) and keeps the best ``max_detections``. An empty batch gives []."""
         c = self.config
-        check_images(images, c.in_channels, values=False)
+        check_images(images, c.in_channels)  # NaN or inf: refused before any work
         self._loss_cache = None  # predict overwrites the layers' caches: no backward of an old loss
         if images.shape[0] == 0:
             return []
         with self.evaluating():
-            self.rpn(images)
-            proposals = self.rpn.proposals(c.pre_nms_top_n_test, c.post_nms_top_n_test, c.rpn_nms_iou)
-            rois = rois_with_batch_index(proposals, self.rpn.maps[0].dtype, backend_name(images))
+            self.rpn_out = out = self.rpn.forward(images)
+            out.read()  # the finite checks of the images and C2..C5
+            proposals = self.rpn.proposals(out, c.pre_nms_top_n_test, c.post_nms_top_n_test, c.rpn_nms_iou)
+            rois = rois_with_batch_index(proposals, out.maps[0].dtype, backend_name(images))
             cls_score, bbox_pred = self.roi_head(self._pool(rois))
         self.proposals = proposals
         xp = get_array_module(cls_score)
@@ -349,5 +242,5 @@ class TwoStageDetector(Module):
                 for p, end in zip(proposals, ends)]
 
 
-__all__ = ["POOLINGS", "PyramidRPN", "RPN_SETTINGS", "TwoStageConfig", "TwoStageDetector",
-           "nms_top", "rois_with_batch_index", "rpn_proposals"]
+__all__ = ["POOLINGS", "RPN_SETTINGS", "TwoStageConfig", "TwoStageDetector", "nms_top",
+           "rois_with_batch_index", "rpn_proposals"]
