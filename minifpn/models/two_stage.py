@@ -33,9 +33,10 @@ from .inputs import check_images
 from .pooler import RoIPooler
 from .roi_head import FastRCNNHead, fast_rcnn_loss, fast_rcnn_loss_backward
 
-POOLINGS = {"pyramid": (2, 3, 4, 5),  # Eq. (1) picks one of P2..P5 per RoI (the paper's)
-            "p2": (2,),  # every RoI from P2, the finest map
-            "c4": (4,)}  # every RoI from the backbone's C4 (stride 16): Table 3's baseline
+# where each pooling takes its RoI features: the FPN's maps ("P") or the backbone's ("C"), at levels
+POOLINGS = {"pyramid": ("P", (2, 3, 4, 5)),  # Eq. (1) picks one of P2..P5 per RoI (the paper's)
+            "p2": ("P", (2,)),  # every RoI from P2, the finest map
+            "c4": ("C", (4,))}  # every RoI from the backbone's C4 (stride 16): Table 3's baseline
 RPN_SETTINGS = ("fpn", "bottom_up", "no_lateral")  # Table 1 settings whose FPN gives P2..P6
 
 
@@ -122,8 +123,9 @@ class TwoStageDetector(Module):
         if not isinstance(c, TwoStageConfig):
             raise TypeError(f"TwoStageDetector: expected a TwoStageConfig, got {type(c).__name__}")
         self.rpn = Detector(c.rpn_config(), dtype)  # the paper's RPN: the one-stage detector, K = 1
-        self.pooler = RoIPooler(POOLINGS[c.pooling], c.pool_size, c.sampling_ratio)
-        pooled_channels = c.widths[2] if c.pooling == "c4" else c.channels  # C4's, or d
+        self.pool_from, levels = POOLINGS[c.pooling]  # "P" or "C", decided once
+        self.pooler = RoIPooler(levels, c.pool_size, c.sampling_ratio)
+        pooled_channels = {"P": c.channels, "C": c.widths[levels[0] - 2]}[self.pool_from]  # d, or C_k's
         self.roi_head = FastRCNNHead(pooled_channels, c.pool_size, c.hidden, c.num_classes, dtype,
                                      c.seed + 3)
         self.proposals = None  # the last loss's or predict's proposals, a list of host (P_n, 4)
@@ -144,11 +146,10 @@ class TwoStageDetector(Module):
         return self.rpn.features(images)
 
     def _pool(self, rois):
-        """rois (R, 5) on the maps' device -> pooled (R, C, OH, OW) from the last forward's maps:
-        P2..P5 (C = d), P2, or C4 (C = widths[2])."""
-        if self.config.pooling == "c4":
-            return self.pooler([self.rpn_out.bottom_up[2]], rois)
-        return self.pooler(self.rpn_out.maps[:len(self.pooler.levels)], rois)
+        """rois (R, 5) on the maps' device -> pooled (R, C, OH, OW) from the last forward's maps
+        at the pooler's levels: P2..P5 (C = d), P2, or C4 (C = widths[2])."""
+        maps = {"P": self.rpn_out.maps, "C": self.rpn_out.bottom_up}[self.pool_from]  # from level 2
+        return self.pooler([maps[k - 2] for k in self.pooler.levels], rois)
 
     # ---- training -------------------------------------------------------------------------
     def loss(self, images, boxes, labels, rng=None, proposals=None):
@@ -205,13 +206,12 @@ class TwoStageDetector(Module):
         gradient on C4 is added to the one the FPN sends there, before the backbone."""
         fast_rcnn_cache = self._need_cache(self._loss_cache, "loss")
         d_pooled_maps = self.pooler.backward(self.roi_head.backward(fast_rcnn_loss_backward(
-            fast_rcnn_cache)))  # P2..P5, or C4
-        d_rpn_maps = self.rpn.head_backward()  # P2..P6
-        if self.config.pooling == "c4":  # C4 fed the FPN and the RoIs: its two gradients add
-            return self.rpn.features_backward(d_rpn_maps, [None, None, d_pooled_maps[0], None])
-        d_maps = [d_rpn + d_pooled for d_rpn, d_pooled in zip(d_rpn_maps, d_pooled_maps)]
-        d_maps += d_rpn_maps[len(d_pooled_maps):]  # the levels no RoI is pooled from: P6 (P3..P5)
-        return self.rpn.features_backward(d_maps)
+            fast_rcnn_cache)))  # at the pooler's levels: P2..P5, P2, or C4
+        d_by_source = {"P": list(self.rpn.head_backward()), "C": [None, None, None, None]}  # P2..P6, C2..C5
+        d = d_by_source[self.pool_from]
+        for k, d_pooled in zip(self.pooler.levels, d_pooled_maps):  # a map both stages read: add
+            d[k - 2] = d_pooled if d[k - 2] is None else d[k - 2] + d_pooled
+        return self.rpn.features_backward(d_by_source["P"], d_by_source["C"])
 
     # ---- inference --------------------------------------------------------------------------
     def predict(self, images, score_threshold: float = 0.05, nms_iou: float = 0.5,
