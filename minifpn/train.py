@@ -31,7 +31,7 @@ from .checkpoint import (  # noqa: F401  (named here too: minifpn.train has alwa
 )
 from .data import DigitScenes, SceneConfig
 from .detection.metrics import evaluate, without_labels
-from .functional._checks import integer, is_real
+from .functional.checks import integer, is_real
 from .models.detector import Detector
 from .optim import SGD, learning_rate
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 
 from ..backend import get_array_module
-from ..functional._checks import integer
+from ..functional.checks import integer
 
 EPS = 1e-6  # added before the floor, as torchvision's LevelMapper, so that exact powers of two
 # of the canonical size land on their own level despite rounding in log2

@@ -11,7 +11,7 @@ a fixed per-channel scale and shift, whatever the batch.
 from __future__ import annotations
 
 from ..backend import get_array_module
-from ._checks import check_float, check_nchw
+from .checks import check_float, check_nchw
 
 
 def _check_per_channel(op: str, C: int, **arrays) -> None:

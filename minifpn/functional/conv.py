@@ -10,7 +10,7 @@ The derivation of the backward pass is in docs/derivations.md.
 from __future__ import annotations
 
 from ..backend import get_array_module
-from ._checks import check_float, check_nchw, pair
+from .checks import check_float, check_nchw, pair
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:

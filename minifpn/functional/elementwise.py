@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..backend import get_array_module
-from ._checks import check_float, check_same_shape
+from .checks import check_float, check_same_shape
 
 
 def relu(x):

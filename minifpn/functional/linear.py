@@ -5,7 +5,7 @@ Glossary: K rows (RoIs), IN = in_features, OUT = out_features.
 """
 from __future__ import annotations
 
-from ._checks import check_float
+from .checks import check_float
 
 
 def _check_linear_args(x, weight, bias, op="linear"):

@@ -9,7 +9,7 @@ Shapes use the glossary of ``conv.py``.
 from __future__ import annotations
 
 from ..backend import get_array_module
-from ._checks import check_nchw, pair
+from .checks import check_nchw, pair
 from .conv import _window, conv_output_size, pad2d
 
 

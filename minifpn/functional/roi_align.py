@@ -23,7 +23,7 @@ import math
 import numbers
 
 from ..backend import get_array_module, to_numpy
-from ._checks import check_float, check_nchw, is_int, pair
+from .checks import check_float, check_nchw, is_int, pair
 
 CHUNK = 64  # RoIs per batched matmul; sorted by window size, so each pads to windows like its own
 

@@ -13,7 +13,7 @@ import itertools
 import math
 
 from ..backend import get_array_module
-from ._checks import check_nchw, pair
+from .checks import check_nchw, pair
 
 
 @functools.lru_cache(maxsize=512)

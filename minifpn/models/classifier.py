@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import functional as F
 from ..backend import DEFAULT_DTYPE, backend_name, default_rng, to_device, to_numpy
-from ..functional._checks import integer
+from ..functional.checks import integer
 from ..nn import Linear, Module
 from .inputs import check_images
 from .resnet import ResNet, resnet_fields

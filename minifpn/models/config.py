@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..detection.anchors import ANCHOR_SIZES, ASPECT_RATIOS
-from ..functional._checks import integer, is_int, is_real
+from ..functional.checks import integer, is_int, is_real
 from .resnet import check_freeze_at, check_norm, resnet_fields
 from .settings import SETTINGS, resolve
 

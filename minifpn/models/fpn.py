@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .. import functional as F
 from ..backend import DEFAULT_DTYPE, default_rng, get_array_module
-from ..functional._checks import integer
+from ..functional.checks import integer
 from ..nn import Conv2d, Module, ModuleList
 from .inputs import halved_sizes
 
@@ -150,7 +150,7 @@ class FPN(Module):
             P6 = max_pool2d(P5, 1, stride 2)                      (or RetinaNet's P6, P7)
         Shapes are in the class docstring. Index i of each list is level k = i + 2.
         ``check_finite=False`` leaves the NaN/inf check of C2..C5 (one device read) to a caller
-        that reads ``inputs_finite(features)`` with its own results, as ``Detector.loss`` does.
+        that reads ``inputs_finite(features)`` with its own results, as ``Detector.forward`` does.
         """
         self._start(features, check_finite)
         top = len(features) - 1

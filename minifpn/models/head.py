@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .. import functional as F
 from ..backend import DEFAULT_DTYPE, default_rng, get_array_module
-from ..functional._checks import integer
+from ..functional.checks import integer
 from ..nn import Conv2d, Module, init
 
 

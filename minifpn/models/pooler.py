@@ -12,7 +12,7 @@ from itertools import accumulate
 from .. import functional as F
 from ..backend import backend_name, get_array_module, to_device, to_numpy
 from ..detection.levels import check_level_args, map_levels
-from ..functional._checks import check_float, check_nchw, is_int, pair
+from ..functional.checks import check_float, check_nchw, is_int, pair
 from ..nn import Module
 from .inputs import halved_sizes
 

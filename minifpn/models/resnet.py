@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .. import functional as F
 from ..backend import DEFAULT_DTYPE, default_rng
-from ..functional._checks import integer, is_int
+from ..functional.checks import integer, is_int
 from ..nn import BatchNorm2d, Conv2d, FrozenBatchNorm2d, MaxPool2d, Module, Sequential, init
 
 NORMS = {"bn": BatchNorm2d, "frozen_bn": FrozenBatchNorm2d}  # ResNet's norm: live or frozen batch norm

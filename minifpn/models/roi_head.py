@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import functional as F
 from ..backend import DEFAULT_DTYPE, backend_name, default_rng, get_array_module, to_device, to_numpy
-from ..functional._checks import check_nchw, integer
+from ..functional.checks import check_nchw, integer
 from ..nn import Linear, Module, init
 
 

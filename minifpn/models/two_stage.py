@@ -25,7 +25,7 @@ import numpy as np
 from ..backend import DEFAULT_DTYPE, backend_name, default_rng, get_array_module, to_device, to_numpy
 from ..detection.postprocess import nms_top, rpn_proposals  # noqa: F401  (named here as before)
 from ..detection.roi_targets import decode_detections, sample_rois
-from ..functional._checks import integer
+from ..functional.checks import integer
 from ..nn import Module
 from .config import DetectorConfig
 from .detector import Detector

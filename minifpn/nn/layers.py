@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import functional as F
 from ..backend import DEFAULT_DTYPE, default_rng, get_backend
-from ..functional._checks import int_or_pair, integer, pair
+from ..functional.checks import int_or_pair, integer, pair
 from . import init
 from .module import Module, Parameter
 

@@ -1,4 +1,5 @@
-"""Input checks shared by the functional ops: each failure names what was expected."""
+"""Input checks shared by the functional ops, and by the layers, models and configs built on them: each
+failure names what was expected."""
 from __future__ import annotations
 
 import math
