@@ -476,12 +476,10 @@ def _write_figures(detector, history, detections, truths, run_dir, train_config)
         os.path.join(run_dir, "detections.png"), dpi=100)
     if hasattr(detector, "fpn"):
         i = _scene_of_several_sizes(truths)
-        detector.fpn.trace = True
-        detector.eval()
-        detector.features(to_device(scenes[i][0][None], detector.backend))
-        plot_pyramid(detector.fpn.maps, title=f"pyramid maps of test scene {i}", image=scenes[i][0],
+        with detector.evaluating():
+            maps = detector.fpn.traced(detector.backbone(to_device(scenes[i][0][None], detector.backend)))
+        plot_pyramid(maps, title=f"pyramid maps of test scene {i}", image=scenes[i][0],
                      boxes=truths[i]["boxes"]).savefig(os.path.join(run_dir, "pyramid.png"), dpi=90)
-        detector.fpn.trace = False
     plt.close("all")
 
 

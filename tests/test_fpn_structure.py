@@ -134,6 +134,18 @@ def test_trace_is_off_by_default(rng):
     assert model.maps == {} and model.grads == {}
 
 
+def test_traced_is_a_forward_with_the_trace_on_that_turns_it_off_again(rng):
+    cs = features(rng)
+    model = fpn()
+    maps = model.traced(cs)
+    assert model.trace is False and maps is model.maps
+    reference = fpn(trace=True)
+    reference(cs)
+    assert maps.keys() == reference.maps.keys()
+    for name in maps:
+        np.testing.assert_array_equal(maps[name], reference.maps[name], err_msg=name)
+
+
 def test_wrong_number_of_levels():
     with pytest.raises(ValueError, match=r"expected a list of 4 maps \[C2..C5\], got 3"):
         fpn()(features(np.random.default_rng(0))[:3])

@@ -251,6 +251,16 @@ class FPN(Module):
         return F.upsample_nearest_backward(d_top_down, self.upsample_caches[i])
 
     # ---- the trace: every intermediate map and gradient, by the paper's names ---------------
+    def traced(self, features) -> dict:
+        """A forward of [C2..C5] with the trace on (and then off again): returns ``maps``, every
+        named map (C_k, lateral_k, topdown_k, M_k, P_k), as ``plot_pyramid`` draws them."""
+        was, self.trace = self.trace, True
+        try:
+            self.forward(features)
+            return self.maps
+        finally:
+            self.trace = was
+
     def _trace(self, stage, i, value, store=None):
         """Record ``value`` as "{stage}{k}" (k = i + 2) in ``store`` (default: maps); return it."""
         self._record(self.maps if store is None else store, f"{stage}{self.levels[i]}", value)
