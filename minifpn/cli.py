@@ -668,6 +668,14 @@ def cmd_pretrain(args) -> int:
 
 # ---- the parser ------------------------------------------------------------------------------
 
+def _architecture_options(p) -> None:
+    """--widths and --blocks: the bottom-up ResNet's shape."""
+    p.add_argument("--widths", type=widths_list, default=",".join(map(str, DEFAULTS.widths)),
+                   metavar="W2,W3,W4,W5", help="ResNet stage widths of C2..C5, comma-separated")
+    p.add_argument("--blocks", type=blocks_list, default=",".join(map(str, DEFAULTS.blocks)),
+                   metavar="B2,B3,B4,B5", help="BasicBlocks per ResNet stage, comma-separated")
+
+
 def _backbone_options(p) -> None:
     """--pretrained, --freeze-at and --norm: the backbone trained from scratch (the defaults), or
     fine-tuned from the pre-trained one as the paper does (--pretrained --freeze-at 2 --norm frozen_bn)."""
@@ -706,10 +714,7 @@ def _training_options(p, iterations, time_limit=0, name=None, milestones=None, b
                    metavar="F1,F2", help="fractions of the run at which the learning rate drops x0.1")
     p.add_argument("--channels", type=positive_int, default=DEFAULTS.channels,
                    help="d: channels of the pyramid and head")
-    p.add_argument("--widths", type=widths_list, default=",".join(map(str, DEFAULTS.widths)),
-                   metavar="W2,W3,W4,W5", help="ResNet stage widths of C2..C5, comma-separated")
-    p.add_argument("--blocks", type=blocks_list, default=",".join(map(str, DEFAULTS.blocks)),
-                   metavar="B2,B3,B4,B5", help="BasicBlocks per ResNet stage, comma-separated")
+    _architecture_options(p)
     _backbone_options(p)
     p.add_argument("--num-classes", type=positive_int, default=DEFAULTS.num_classes,
                    help="10: detect and name the digits; 1: the paper's RPN (object or not)")
@@ -863,10 +868,7 @@ def _pretrain_job(job) -> None:
     p.add_argument("--batch-size", type=positive_int, default=PRETRAIN_BATCH_SIZE, help="images per step")
     p.add_argument("--lr", type=positive_float, default=PRETRAIN_LR, help="peak learning rate of SGD")
     p.add_argument("--warmup", type=nonnegative_int, default=50, help="linear warm-up steps")
-    p.add_argument("--widths", type=widths_list, default=",".join(map(str, DEFAULTS.widths)),
-                   metavar="W2,W3,W4,W5", help="ResNet stage widths of C2..C5, comma-separated")
-    p.add_argument("--blocks", type=blocks_list, default=",".join(map(str, DEFAULTS.blocks)),
-                   metavar="B2,B3,B4,B5", help="BasicBlocks per ResNet stage, comma-separated")
+    _architecture_options(p)
     p.add_argument("--val-digits", type=positive_int, default=VAL_DIGITS,
                    help="val images (one digit each) to measure the accuracy on")
     p.add_argument("--out", default=WEIGHTS_FOLDER, help="folder for the backbone and backbones.json")

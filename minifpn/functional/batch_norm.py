@@ -14,12 +14,19 @@ from ..backend import get_array_module
 from .checks import check_float, check_nchw
 
 
-def _check_per_channel(op: str, C: int, **arrays) -> None:
-    """Each of ``arrays`` (None: absent) must hold one value per channel: shape (C,)."""
-    for name, a in arrays.items():
+def _check_inputs(op: str, x, weight, bias, running_mean, running_var) -> int:
+    """x (N, C, H, W) and the four per-channel arrays (None: absent), floating point, one dtype,
+    each of shape (C,). Returns C."""
+    check_nchw(x, op)
+    names = ("weight", "bias", "running_mean", "running_var")
+    arrays = (weight, bias, running_mean, running_var)
+    check_float(x, *arrays, op=op, names=("input", *names))
+    C = x.shape[1]
+    for name, a in zip(names, arrays):
         if a is not None and tuple(a.shape) != (C,):
             raise ValueError(f"{op}: input has {C} channels, expected {name} of shape ({C},), got "
                              f"{tuple(a.shape)}")
+    return C
 
 
 def batch_norm(x, gamma, beta, running_mean, running_var, training: bool,
@@ -34,12 +41,7 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training: bool,
     training=False: mean and var are the running averages.
     Returns y: (N, C, H, W) and a cache for ``batch_norm_backward``.
     """
-    check_nchw(x, "batch_norm")
-    check_float(x, gamma, beta, running_mean, running_var, op="batch_norm",
-                names=("input", "weight", "bias", "running_mean", "running_var"))
-    C = x.shape[1]
-    _check_per_channel("batch_norm", C, weight=gamma, bias=beta, running_mean=running_mean,
-                       running_var=running_var)
+    C = _check_inputs("batch_norm", x, gamma, beta, running_mean, running_var)
     xp = get_array_module(x)
     M = x.shape[0] * x.shape[2] * x.shape[3]
     if training:
@@ -93,12 +95,7 @@ def frozen_batch_norm(x, weight, bias, running_mean, running_var, eps: float = 1
     mode, written as one multiply-add). x: (N, C, H, W); the other four: (C,).
     Returns y: (N, C, H, W) and a cache for ``frozen_batch_norm_backward``.
     """
-    check_nchw(x, "frozen_batch_norm")
-    check_float(x, weight, bias, running_mean, running_var, op="frozen_batch_norm",
-                names=("input", "weight", "bias", "running_mean", "running_var"))
-    C = x.shape[1]
-    _check_per_channel("frozen_batch_norm", C, weight=weight, bias=bias, running_mean=running_mean,
-                       running_var=running_var)
+    C = _check_inputs("frozen_batch_norm", x, weight, bias, running_mean, running_var)
     xp = get_array_module(x)
     scale = weight / xp.sqrt(running_var + eps)
     shift = bias - running_mean * scale
