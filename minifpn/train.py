@@ -170,7 +170,7 @@ def _fmt(v) -> str:
 
 def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = False,
           progress: bool = True, time_limit: float | None = None, log=print,
-          allow_changes: bool = False) -> dict:
+          allow_changes: bool = False, after_checkpoint=None) -> dict:
     """Train ``detector`` for ``config.iterations`` steps, checkpointing into ``run_dir``.
 
     With ``resume``, continue from ``run_dir/checkpoint.npz``: weights, momentum, RNG state and
@@ -184,6 +184,8 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
     [...], "box": [...], "lr": [...], "seconds": [...], "images_seen": [...]} (one entry per step;
     images_seen counts every image trained on up to and including that step; a two-stage
     detector adds rpn_cls, rpn_box, rcnn_cls and rcnn_box, and its cls and box sum both stages).
+    ``after_checkpoint(iteration, path)``, if given, is called after every checkpoint written during
+    the run (every ``checkpoint_every`` steps and the last), e.g. to keep a copy for a learning curve.
     """
     check_pretraining_split(detector, config)  # before a folder is made
     run = _Run(detector, config, run_dir, log)
@@ -203,6 +205,8 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
                                 img_s=f"{config.batch_size / run.history['seconds'][-1]:.1f}")
             if run.done % config.checkpoint_every == 0 or run.done == config.iterations:
                 run.saved = run.checkpoint(run.done)
+                if after_checkpoint is not None:
+                    after_checkpoint(run.done, run.path)
             if time_limit is not None and time.perf_counter() - began > time_limit:
                 if run.saved != run.done:
                     run.saved = run.checkpoint(run.done)
