@@ -90,8 +90,8 @@ def test_map_levels_keeps_the_device_and_returns_no_boxes_for_no_boxes(backend):
 
 
 @pytest.mark.parametrize("boxes,kwargs,error,match", [
-    (np.zeros((3, 5)), {}, ValueError, r"boxes of shape \(K, 4\)"),
-    (np.zeros(4), {}, ValueError, r"boxes of shape \(K, 4\)"),
+    (np.zeros((3, 5)), {}, ValueError, r"boxes of shape \(R, 4\)"),
+    (np.zeros(4), {}, ValueError, r"boxes of shape \(R, 4\)"),
     (np.zeros((3, 4), dtype=np.int64), {}, TypeError, "floating point"),
     (np.zeros((3, 4)), {"k_min": 4, "k_max": 3}, ValueError, "k_max must be >= 4"),
     (np.zeros((3, 4)), {"k_min": 2.0}, ValueError, "k_min must be an int"),
@@ -287,7 +287,7 @@ def test_pooler_refuses_mismatched_maps_and_rois(rng):
         pooler([maps[0][0], *maps[1:]], rois)
     with pytest.raises(TypeError, match="share one dtype"):
         pooler(maps, rois.astype(np.float32))
-    with pytest.raises(ValueError, match=r"rois of shape \(K, 5\)"):
+    with pytest.raises(ValueError, match=r"rois of shape \(R, 5\)"):
         pooler(maps, rois[:, 1:])
     with pytest.raises(ValueError, match=r"batch index must be an integer in \[0, 1\]"):
         pooler(maps, np.array([[2, 1.0, 1.0, 9.0, 9.0]]))
@@ -298,6 +298,6 @@ def test_pooler_backward_before_forward_and_of_another_shape(rng):
     with pytest.raises(BackwardBeforeForward):
         pooler.backward(np.zeros((1, 3, 7, 7)))
     pooled = pooler(pyramid(rng, 1, 3, 64), np.array([[0, 1.0, 1.0, 20.0, 20.0]]))
-    with pytest.raises(ValueError, match=r"expected a gradient of shape \(K, C, OH, OW\) = \(1, 3, 7, 7\)"):
+    with pytest.raises(ValueError, match=r"expected a gradient of shape \(R, C, OH, OW\) = \(1, 3, 7, 7\)"):
         pooler.backward(np.zeros((2, 3, 7, 7)))
     assert pooled.shape == (1, 3, 7, 7)

@@ -1,7 +1,7 @@
 """The fully connected layer: F.linear / F.linear_backward and nn.Linear. Gradient checks in
 float64 (TOL = 1e-6, as every op), parity with torch.nn.functional.linear and torch.nn.Linear
 (forward and every gradient, float32 and float64), PyTorch's default initialisation, errors,
-and K = 0 rows (an image whose RoIs were all dropped)."""
+and N = 0 rows (an image whose RoIs were all dropped)."""
 import math
 
 import numpy as np
@@ -13,13 +13,13 @@ from minifpn.backend import to_device, to_numpy
 from minifpn.gradcheck import check, check_module
 
 TOL = 1e-6
-SHAPES = [(5, 6, 4), (1, 3, 1), (7, 12, 9)]  # (K, in_features, out_features)
+SHAPES = [(5, 6, 4), (1, 3, 1), (7, 12, 9)]  # (N, in_features, out_features)
 
 
 # ---- gradient checks ------------------------------------------------------------------------
-@pytest.mark.parametrize("K,IN,OUT", SHAPES)
+@pytest.mark.parametrize("N,IN,OUT", SHAPES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_linear_gradients(K, IN, OUT, bias, make, rng):
+def test_linear_gradients(N, IN, OUT, bias, make, rng):
     state = {}
 
     def forward(x, weight, b=None):
@@ -31,7 +31,7 @@ def test_linear_gradients(K, IN, OUT, bias, make, rng):
         assert (db is None) == (not bias)
         return {"x": dx, "weight": dw, **({"b": db} if bias else {})}
 
-    inputs = {"x": make(rng.standard_normal((K, IN))), "weight": make(rng.standard_normal((OUT, IN)))}
+    inputs = {"x": make(rng.standard_normal((N, IN))), "weight": make(rng.standard_normal((OUT, IN)))}
     if bias:
         inputs["b"] = make(rng.standard_normal(OUT))
     result = check("linear", "", forward, backward, inputs, tol=TOL)
@@ -64,7 +64,7 @@ def test_linear_by_hand(make):
     np.testing.assert_array_equal(to_numpy(dout), to_numpy(before))  # backward is pure
 
 
-# ---- K = 0 rows -------------------------------------------------------------------------------
+# ---- N = 0 rows ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_zero_rows(dtype, make):
     x = make(np.zeros((0, 5), dtype))
@@ -116,10 +116,10 @@ def test_no_bias_and_names():
 # ---- errors -------------------------------------------------------------------------------------
 def test_errors_name_what_was_expected():
     w, b = np.zeros((3, 4)), np.zeros(3)
-    with pytest.raises(ValueError, match=r"input of shape \(K, in_features\) \(2 dims\), got shape "
+    with pytest.raises(ValueError, match=r"input of shape \(N, in_features\) \(2 dims\), got shape "
                                          r"\(2, 4, 1\)"):
         F.linear(np.zeros((2, 4, 1)), w, b)
-    with pytest.raises(ValueError, match=r"input of shape \(K, in_features\).*got shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"input of shape \(N, in_features\).*got shape \(4,\)"):
         F.linear(np.zeros(4), w, b)
     with pytest.raises(ValueError, match=r"input has 5 features per row but weight .* = \(3, 4\) "
                                          r"expects in_features = 4"):
@@ -146,14 +146,14 @@ def test_errors_name_what_was_expected():
 
 
 # ---- parity with PyTorch --------------------------------------------------------------------
-@pytest.mark.parametrize("K,IN,OUT", SHAPES + [(0, 4, 3)])
+@pytest.mark.parametrize("N,IN,OUT", SHAPES + [(0, 4, 3)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-def test_linear_matches_torch(K, IN, OUT, dtype, backend, rng):
+def test_linear_matches_torch(N, IN, OUT, dtype, backend, rng):
     pytest.importorskip("torch", reason="PyTorch is not installed: parity tests need it "
                         "(pip install -e .[parity])")
     from torch_helpers import assert_matches, tensor, torch
 
-    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((K, IN), (OUT, IN), (OUT,)))
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((N, IN), (OUT, IN), (OUT,)))
     out, cache = F.linear(*(to_device(a, backend) for a in (x, w, b)))
     dout = rng.standard_normal(out.shape).astype(dtype)
     dx, dw, db = F.linear_backward(to_device(dout, backend), cache)

@@ -30,7 +30,7 @@ def _tiny_anchor_case():
 def _tiny_level_boxes():
     # sides 4, 16 (exactly P3's lower edge), 16 a hair short, 40 and 128 px: P2, P3, P3, P4, P5
     sides = np.array([4.0, 16.0, 16.0 * (1 - 1e-9), 40.0, 128.0])
-    return np.stack([0 * sides, 0 * sides, sides, sides], axis=1)  # (K, 4)
+    return np.stack([0 * sides, 0 * sides, sides, sides], axis=1)  # (R, 4)
 
 
 def _tiny_pyramid_case():

@@ -24,7 +24,7 @@ def torchvision_ops():
 
 
 def awkward_boxes(rng, N: int, H: int, W: int, scale: float, count: int = 12):
-    """(K, 5) boxes in image pixels for maps of H x W cells at ``scale``: random ones over and
+    """(R, 5) boxes in image pixels for maps of H x W cells at ``scale``: random ones over and
     beyond the map, plus the awkward cases: partly outside (every side), fully outside, tiny,
     zero-width, zero-height, a point, inverted (x2 < x1), and one covering the whole map."""
     h, w = H / scale, W / scale  # the map's extent in image pixels
@@ -267,8 +267,8 @@ GOOD_BOXES = np.array([[0, 1.0, 1.0, 3.0, 3.0], [1, 0.0, 0.0, 4.0, 2.0]])
 
 @pytest.mark.parametrize("features,boxes,kwargs,error,match", [
     (np.zeros((3, 5, 5)), GOOD_BOXES, {}, ValueError, r"features of shape \(N, C, H, W\)"),
-    (GOOD_FEATURES, GOOD_BOXES[:, 1:], {}, ValueError, r"boxes of shape \(K, 5\)"),
-    (GOOD_FEATURES, GOOD_BOXES[0], {}, ValueError, r"boxes of shape \(K, 5\)"),
+    (GOOD_FEATURES, GOOD_BOXES[:, 1:], {}, ValueError, r"boxes of shape \(R, 5\)"),
+    (GOOD_FEATURES, GOOD_BOXES[0], {}, ValueError, r"boxes of shape \(R, 5\)"),
     (GOOD_FEATURES.astype(np.int64), GOOD_BOXES, {}, TypeError, "floating-point"),
     (GOOD_FEATURES, GOOD_BOXES.astype(np.int64), {}, TypeError, "floating-point"),
     (GOOD_FEATURES.astype(np.float32), GOOD_BOXES, {}, TypeError, "share one dtype"),
@@ -301,7 +301,7 @@ def test_backends_are_not_mixed_with_the_stand_in(stand_in):
 
 def test_backward_refuses_a_dout_of_another_shape():
     out, cache = F.roi_align(GOOD_FEATURES, GOOD_BOXES, (2, 3))
-    with pytest.raises(ValueError, match=r"dout of shape \(K, C, OH, OW\) = \(2, 3, 2, 3\)"):
+    with pytest.raises(ValueError, match=r"dout of shape \(R, C, OH, OW\) = \(2, 3, 2, 3\)"):
         F.roi_align_backward(np.zeros((2, 3, 3, 2)), cache)
 
 

@@ -29,9 +29,9 @@ from dataclasses import asdict
 from threadpoolctl import threadpool_limits
 
 from minifpn.backend import reuse_freed_memory
-from minifpn.cli import build_parser
 from minifpn.cli import _detector_config as detector_config_of
 from minifpn.cli import _train_config as train_config_of
+from minifpn.cli import build_parser
 from minifpn.detection.metrics import evaluate, without_labels
 from minifpn.models.detector import Detector, DetectorConfig
 from minifpn.train import TrainConfig, detector_from_checkpoint, evaluate_detector, train

@@ -32,8 +32,8 @@ def check_level_args(k_min, k_max, canonical_size, canonical_level, op: str):
 def map_levels(boxes, k_min=2, k_max=5, canonical_size=224, canonical_level=4):
     """The pyramid level k of each box by Eq. (1), clamped to [k_min, k_max].
 
-    boxes: (K, 4) rows (x1, y1, x2, y2), floating point, on the host or the device
-    -> levels: (K,) int64 on the same device, each in [k_min, k_max].
+    boxes: (R, 4) rows (x1, y1, x2, y2), floating point, on the host or the device
+    -> levels: (R,) int64 on the same device, each in [k_min, k_max].
     Equal to torchvision's ``LevelMapper(k_min, k_max, canonical_size, canonical_level)``,
     epsilon 1e-6 and the boxes' dtype included, except that LevelMapper returns k - k_min (an
     index into its list of maps) and this returns the level number k itself. A box of zero or
@@ -42,7 +42,7 @@ def map_levels(boxes, k_min=2, k_max=5, canonical_size=224, canonical_level=4):
     k_min, k_max, canonical_size, canonical_level = check_level_args(
         k_min, k_max, canonical_size, canonical_level, "map_levels")
     if not hasattr(boxes, "ndim") or boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"map_levels: expected boxes of shape (K, 4), rows (x1, y1, x2, y2), got "
+        raise ValueError(f"map_levels: expected boxes of shape (R, 4), rows (x1, y1, x2, y2), got "
                          f"shape {getattr(boxes, 'shape', type(boxes).__name__)}")
     if boxes.dtype.kind != "f":
         raise TypeError(f"map_levels: boxes must be floating point (float32 or float64), got "

@@ -65,11 +65,11 @@ def sample_rois(proposals, gt_boxes, gt_labels, rng, batch_size_per_image: int =
                 weights=BOX_CODER_WEIGHTS):
     """The RoIs of one image that the Fast R-CNN head trains on.
 
-    proposals (P, 4), gt_boxes (G, 4) (x1, y1, x2, y2, pixels), gt_labels (G,) ints in [0, K):
+    proposals (Q, 4), gt_boxes (G, 4) (x1, y1, x2, y2, pixels), gt_labels (G,) ints in [0, K):
     the boxes are appended to the proposals, labelled by ``match_rois``, and up to
     ``batch_size_per_image`` are sampled, at most ``positive_fraction`` positive (Fast R-CNN: 25%
     with IoU >= 0.5; background in [0.1, 0.5) there, in [0, 0.5) in Detectron and torchvision,
-    whose interval is the default here). Returns, in the order of the P + G candidates:
+    whose interval is the default here). Returns, in the order of the Q + G candidates:
         rois (R, 4) float64, R <= batch_size_per_image;
         labels (R,) int64: 0 background, 1 + gt_label for an object (class 0 is background);
         regression_targets (R, 4) float64: ``encode_rois`` of each positive's box, 0 elsewhere.

@@ -4,7 +4,8 @@ Glossary, used in every docstring of this package:
     N batch, C input channels, H, W input height and width,
     OC output channels, KH, KW kernel size, SH, SW stride, PH, PW padding,
     OH = (H + 2*PH - KH) // SH + 1,  OW = (W + 2*PW - KW) // SW + 1,
-    L = OH * OW output positions, K = C * KH * KW numbers in one receptive field.
+    L = OH * OW output positions, C*KH*KW numbers in one receptive field (in detection code K
+    counts classes and R RoIs).
 The derivation of the backward pass is in docs/derivations.md.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ def im2col(x, kernel_size, stride=1, padding=0):
     x: (N, C, H, W)  ->  col: (C, KH, KW, N, OH, OW), where
     col[c, i, j, n, oh, ow] = x_padded[n, c, oh*SH + i, ow*SW + j].
     Built with one strided-slice copy per kernel offset (i, j): KH*KW copies in all.
-    Reshaped to (C*KH*KW, N*OH*OW) = (K, N*L) it is the right-hand side of the convolution's
+    Reshaped to (C*KH*KW, N*OH*OW) it is the right-hand side of the convolution's
     GEMM: one column per output position of every image, so the whole batch is one product.
     """
     KH, KW = pair(kernel_size, "kernel_size", "im2col", 1)
@@ -132,7 +133,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
 
     x: (N, C, H, W); weight: (OC, C, KH, KW); bias: (OC,) or None.
     Returns out: (N, OC, OH, OW) and a cache for ``conv2d_backward``.
-    One GEMM for the whole batch: (OC, K) @ (K, N*L) -> (OC, N*L), then an (OC, N) -> (N, OC)
+    One GEMM for the whole batch: (OC, C*KH*KW) @ (C*KH*KW, N*L) -> (OC, N*L), then an (OC, N) -> (N, OC)
     transpose of the result (KH*KW times smaller than the columns). A 1x1 conv at stride 1
     needs no columns: the pixels of each image already are its receptive fields.
     """
@@ -159,7 +160,7 @@ def _conv_gemm(x, weight, stride, padding):
         out = xp.matmul(w_mat, cols)  # (OC, C) @ (N, C, L) -> (N, OC, L), one GEMM per image
         return out.reshape(N, OC, OH, OW), cols, True
     cols = im2col_strided(x, (KH, KW), (SH, SW), (PH, PW)).reshape(C * KH * KW, N * OH * OW)
-    out_t = w_mat @ cols  # (OC, K) @ (K, N*L) -> (OC, N*L)
+    out_t = w_mat @ cols  # (OC, C*KH*KW) @ (C*KH*KW, N*L) -> (OC, N*L)
     out = xp.ascontiguousarray(out_t.reshape(OC, N, OH * OW).transpose(1, 0, 2))
     return out.reshape(N, OC, OH, OW), cols, False
 
@@ -171,8 +172,8 @@ def conv2d_backward(dout, cache, input_grad: bool = True):
     Returns dx: (N, C, H, W), dweight: (OC, C, KH, KW), dbias: (OC,) or None.
     ``input_grad=False`` skips dx (returned as None): for an input that is a constant to the
     loss, such as a frozen backbone's output (PyTorch skips it for an input without requires_grad).
-        dweight = dout_mat @ col^T        (OC, N*L) @ (N*L, K)
-        dcol    = weight^T @ dout_mat     (K, OC) @ (OC, N*L), then col2im -> dx
+        dweight = dout_mat @ col^T        (OC, N*L) @ (N*L, C*KH*KW)
+        dcol    = weight^T @ dout_mat     (C*KH*KW, OC) @ (OC, N*L), then col2im -> dx
         dbias   = dout summed over N, OH, OW
     where dout_mat is dout laid out as (OC, N*L), like the forward's product. At stride 1 the
     last two steps are one convolution instead: see ``conv2d_input_grad``.
@@ -195,7 +196,7 @@ def conv2d_backward(dout, cache, input_grad: bool = True):
     if stride == (1, 1) and padding[0] < KH and padding[1] < KW:
         dx = conv2d_input_grad(dout, weight, padding)
     else:
-        dcols = weight.reshape(OC, C * KH * KW).T @ dout_mat  # (K, N*L)
+        dcols = weight.reshape(OC, C * KH * KW).T @ dout_mat  # (C*KH*KW, N*L)
         dx = col2im(dcols.reshape(C, KH, KW, N, OH, OW), x_shape, stride, padding)
     return dx, dweight, dbias
 

@@ -4,7 +4,7 @@ samples. The paper's two-stage detector (Sec. 4.2) pools every RoI this way, fro
 level that Eq. (1) assigns it, into the 7x7 map its Fast R-CNN head reads.
 
 Glossary (N, C, H, W as in conv.py):
-    K RoIs, each a row (batch_index, x1, y1, x2, y2) in image coordinates;
+    R RoIs, each a row (batch_index, x1, y1, x2, y2) in image coordinates;
     OH, OW the output size, in bins;
     GH, GW the sample grid inside one bin: ``sampling_ratio`` when it is > 0, else
         GH = ceil(roi_height / OH) and GW = ceil(roi_width / OW), per RoI, in feature-map cells;
@@ -32,7 +32,7 @@ def _check_roi_align_args(features, boxes, output_size, spatial_scale, sampling_
     """Check every argument of roi_align; return (OH, OW) as Python ints."""
     check_nchw(features, op, "features")
     if not hasattr(boxes, "ndim") or boxes.ndim != 2 or boxes.shape[1] != 5:
-        raise ValueError(f"{op}: expected boxes of shape (K, 5), rows (batch_index, x1, y1, x2, y2), "
+        raise ValueError(f"{op}: expected boxes of shape (R, 5), rows (batch_index, x1, y1, x2, y2), "
                          f"got shape {getattr(boxes, 'shape', type(boxes).__name__)}")
     check_float(features, boxes, op=op, names=("features", "boxes"))
     OH, OW = pair(output_size, "output_size", op, 1)
@@ -48,7 +48,7 @@ def _check_roi_align_args(features, boxes, output_size, spatial_scale, sampling_
 
 
 def _invalid_rois(boxes, N: int):
-    """(K,) bool, on the device: True for a row whose batch index is not an integer in
+    """(R,) bool, on the device: True for a row whose batch index is not an integer in
     [0, N - 1] or whose coordinates are not all finite. No sync: the caller reads it."""
     xp = get_array_module(boxes)
     index = boxes[:, 0]
@@ -57,7 +57,7 @@ def _invalid_rois(boxes, N: int):
 
 
 def _refuse(boxes, bad, N: int, op: str):
-    """Raise for the first invalid RoI (bad: (K,) bool with at least one True)."""
+    """Raise for the first invalid RoI (bad: (R,) bool with at least one True)."""
     row = int(get_array_module(bad).argmax(bad))
     raise ValueError(f"{op}: boxes[{row}] = {to_numpy(boxes[row]).tolist()} is not a valid RoI: "
                      f"its batch index must be an integer in [0, {N - 1}] (features hold {N} "
@@ -65,9 +65,9 @@ def _refuse(boxes, bad, N: int, op: str):
 
 
 def _bins(start, end, pooled: int, sampling_ratio: int, aligned: bool):
-    """Bin size (K,) along one axis, and the samples per bin: a host int, or (K,) when adaptive.
+    """Bin size (R,) along one axis, and the samples per bin: a host int, or (R,) when adaptive.
 
-    start, end: (K,) the RoI's edges in feature-map cells; pooled: OH (or OW)."""
+    start, end: (R,) the RoI's edges in feature-map cells; pooled: OH (or OW)."""
     xp = get_array_module(start)
     length = end - start
     if not aligned:
@@ -91,11 +91,11 @@ def _largest_grid(grid_h, grid_w) -> tuple[int, int]:
 def _axis_samples(start, bin_size, grid, G: int, pooled: int, size: int):
     """Where the samples of every bin lie along one axis (y or x), and their two neighbours.
 
-    start, bin_size: (K,) in feature-map cells; grid: samples per bin, a host int or (K,);
+    start, bin_size: (R,) in feature-map cells; grid: samples per bin, a host int or (R,);
     G: the padded grid; pooled: OH (or OW); size: H (or W).
-    Returns low, high: (K, pooled, G) int64 neighbouring rows (columns), in [0, size - 1];
-    w_low, w_high: (K, pooled, G) their bilinear weights, 0 for a sample outside the map or past
-    its RoI's own grid (the padding up to G); grid, for the count; and first, span: (K,) int64,
+    Returns low, high: (R, pooled, G) int64 neighbouring rows (columns), in [0, size - 1];
+    w_low, w_high: (R, pooled, G) their bilinear weights, 0 for a sample outside the map or past
+    its RoI's own grid (the padding up to G); grid, for the count; and first, span: (R,) int64,
     the first row (column) any used sample reads and how many rows from there they read (>= 1).
     """
     xp = get_array_module(start)
@@ -105,7 +105,7 @@ def _axis_samples(start, bin_size, grid, G: int, pooled: int, size: int):
     per_bin = xp.maximum(grid, 1)[:, None, None] if adaptive else grid  # no 0/0 for an empty grid
     start, bin_size = start[:, None, None], bin_size[:, None, None]
     # torchvision's order of operations, so that float32 rounds the same way
-    coord = start + bins * bin_size + (steps + 0.5) * bin_size / per_bin  # (K, pooled, G)
+    coord = start + bins * bin_size + (steps + 0.5) * bin_size / per_bin  # (R, pooled, G)
     used = (coord >= -1.0) & (coord <= size)  # farther out, a sample reads 0
     if adaptive:
         used &= steps < grid[:, None, None]  # the padding past this RoI's own grid
@@ -125,17 +125,17 @@ def _chunks(boxes, bad, y_axis, x_axis, N: int, op: str):
     chunk's window size (its largest span on each axis) with the validity flags, in one
     device -> host transfer (an invalid RoI is refused there).
 
-    Returns a list of (index, SH, SW): index (R,) int64, the chunk's RoIs; SH, SW host ints.
+    Returns a list of (index, SH, SW): index (R_c,) int64, the chunk's RoIs; SH, SW host ints.
     """
-    K = bad.shape[0]
-    if K == 0:
+    R = bad.shape[0]
+    if R == 0:
         return []
     xp = get_array_module(bad)
     span_h, span_w = y_axis[6], x_axis[6]
     order = xp.argsort(span_h * span_w, kind="stable")  # small windows first
-    count = -(-K // CHUNK)
+    count = -(-R // CHUNK)
     spans = xp.ones((2, count * CHUNK), dtype=span_h.dtype)  # past the last RoI: span 1
-    spans[:, :K] = xp.stack([span_h[order], span_w[order]])
+    spans[:, :R] = xp.stack([span_h[order], span_w[order]])
     largest = spans.reshape(2, count, CHUNK).max(axis=2).reshape(-1)  # SH of each chunk, then SW
     host = to_numpy(xp.concatenate([bad.any().reshape(1).astype(largest.dtype), largest])).tolist()
     if host[0]:  # the one sync of a fixed grid
@@ -145,37 +145,37 @@ def _chunks(boxes, bad, y_axis, x_axis, N: int, op: str):
 
 
 def _window_weights(axis, index, S: int, size: int):
-    """One axis of the bilinear weights of the RoIs ``index`` (R,), cut to windows of S cells.
+    """One axis of the bilinear weights of the RoIs ``index`` (R_c,), cut to windows of S cells.
 
-    axis: ``_axis_samples``' result; size: H (or W). Returns weights: (R, pooled, S), entry
+    axis: ``_axis_samples``' result; size: H (or W). Returns weights: (R_c, pooled, S), entry
     [r, i, a] the summed weights that bin i's samples put on cell first_r + a (A, or B, of
     docs/derivations.md, without the cells outside the window, where they are all 0); and
-    first: (R,) int64, the window's first cell, moved back where needed to keep it in the map.
+    first: (R_c,) int64, the window's first cell, moved back where needed to keep it in the map.
     """
-    low, high, w_low, w_high = (a[index] for a in axis[:4])  # (R, pooled, G)
+    low, high, w_low, w_high = (a[index] for a in axis[:4])  # (R_c, pooled, G)
     xp = get_array_module(low)
     first = xp.minimum(axis[5][index], size - S)  # S >= the RoI's span: still holds every sample
     cells = xp.arange(S)
-    at_low = (low - first[:, None, None])[..., None] == cells  # (R, pooled, G, S): one-hot
+    at_low = (low - first[:, None, None])[..., None] == cells  # (R_c, pooled, G, S): one-hot
     at_high = (high - first[:, None, None])[..., None] == cells
     weights = (at_low * w_low[..., None] + at_high * w_high[..., None]).sum(axis=2)
     return weights, first
 
 
 def _chunk_windows(batch, y_axis, x_axis, index, SH: int, SW: int, H: int, W: int):
-    """A: (R, OH, SH), B: (R, OW, SW), and cells: (R, SH, SW) int64, the rows of the
+    """A: (R_c, OH, SH), B: (R_c, OW, SW), and cells: (R_c, SH, SW) int64, the rows of the
     (N*H*W, C) cell matrix that each RoI's window covers."""
     xp = get_array_module(batch)
     A, first_h = _window_weights(y_axis, index, SH, H)
     B, first_w = _window_weights(x_axis, index, SW, W)
-    top = batch[index] * H + first_h  # (R,) the window's first row, counted over the batch
+    top = batch[index] * H + first_h  # (R_c,) the window's first row, counted over the batch
     cells = ((top[:, None, None] + xp.arange(SH)[:, None]) * W
              + first_w[:, None, None] + xp.arange(SW))
     return A, B, cells
 
 
 def _count(y_axis, x_axis):
-    """Samples each bin averages, max(GH * GW, 1): a host int, or (K, 1, 1, 1) for an adaptive grid."""
+    """Samples each bin averages, max(GH * GW, 1): a host int, or (R, 1, 1, 1) for an adaptive grid."""
     grid_h, grid_w = y_axis[4], x_axis[4]
     count = grid_h * grid_w
     if is_int(count):
@@ -187,12 +187,12 @@ def _count(y_axis, x_axis):
 def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True):
     """Pool each RoI into OH x OW bins, each the mean of GH x GW bilinear samples.
 
-    features: (N, C, H, W); boxes: (K, 5), rows (batch_index, x1, y1, x2, y2) in image pixels,
+    features: (N, C, H, W); boxes: (R, 5), rows (batch_index, x1, y1, x2, y2) in image pixels,
     same dtype as features; output_size: (OH, OW) (an int means square); spatial_scale: feature
     cells per image pixel (1 / stride); sampling_ratio: GH = GW when > 0, adaptive when <= 0;
     aligned: shift the box by -0.5 cell so that a cell's centre is at its index + 0.5 (Detectron2),
     else torchvision's legacy RoIAlign (no shift, and every RoI at least 1 x 1 cell).
-    Returns out: (K, C, OH, OW) and a cache for ``roi_align_backward``.
+    Returns out: (R, C, OH, OW) and a cache for ``roi_align_backward``.
 
     Separable: out_k = A_k F_k B_k^T per channel, with F_k the SH x SW window of cells that RoI
     k's samples read, and A_k (OH, SH), B_k (OW, SW) the bilinear weights summed per bin (zero
@@ -210,7 +210,7 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     safe = xp.where(bad[:, None], 0.0, boxes).astype(boxes.dtype, copy=False)  # harmless till then
     scale = features.dtype.type(spatial_scale)  # in the features' dtype, as torchvision's kernel
     offset = 0.5 if aligned else 0.0
-    roi = safe[:, 1:] * scale - offset  # (K, 4): x1, y1, x2, y2 in feature-map cells
+    roi = safe[:, 1:] * scale - offset  # (R, 4): x1, y1, x2, y2 in feature-map cells
     batch = safe[:, 0].astype(xp.int64)
     bin_h, grid_h = _bins(roi[:, 1], roi[:, 3], OH, sampling_ratio, aligned)
     bin_w, grid_w = _bins(roi[:, 0], roi[:, 2], OW, sampling_ratio, aligned)
@@ -223,8 +223,8 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     for index, SH, SW in _chunks(boxes, bad, y_axis, x_axis, N, "roi_align"):
         A, B, cells = _chunk_windows(batch, y_axis, x_axis, index, SH, SW, H, W)
         window = xp.take(rows, cells.reshape(-1), axis=0).reshape(-1, SH, SW * C)  # F, all channels
-        bin_rows = xp.matmul(A, window).reshape(-1, OH, SW, C)  # A F: (R, OH, SW, C)
-        total[index] = xp.matmul(B[:, None], bin_rows)  # (A F) B^T: (R, OH, OW, C)
+        bin_rows = xp.matmul(A, window).reshape(-1, OH, SW, C)  # A F: (R_c, OH, SW, C)
+        total[index] = xp.matmul(B[:, None], bin_rows)  # (A F) B^T: (R_c, OH, OW, C)
         chunks.append((index, A, B, cells))
     out = xp.ascontiguousarray((total / _count(y_axis, x_axis)).transpose(0, 3, 1, 2))
     return out, (features.shape, batch, y_axis, x_axis, chunks)
@@ -233,29 +233,29 @@ def roi_align(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
 def roi_align_backward(dout, cache):
     """Gradient of ``roi_align`` with respect to the features only.
 
-    dout: (K, C, OH, OW) -> dfeatures: (N, C, H, W). The transpose of the forward, per RoI and
+    dout: (R, C, OH, OW) -> dfeatures: (N, C, H, W). The transpose of the forward, per RoI and
     channel: dF_k = A_k^T (dout_k / count) B_k, two batched matmuls per chunk; then every window
     is added back onto the cells it was gathered from. The windows of one image's RoIs overlap,
     so a (cell, channel) pair, numbered cell * C + channel, gets several terms: ``xp.add.at``
     adds them all (unbuffered), where ``d[index] += values`` would keep only one. One call per
-    chunk, over its R * SH * SW * C window terms, not the 16 corner terms of every bin; on a
+    chunk, over its R_c * SH * SW * C window terms, not the 16 corner terms of every bin; on a
     1-d float array NumPy's add.at is as fast as bincount (which would sum in float64) and, unlike
     CuPy's bincount, needs no device sync.
     The boxes get no gradient: the RoIs are constants here, as in Faster R-CNN's "approximate
     joint training" (Ren et al., 2015), and as in torchvision, whose roi_align has none either.
     """
     (N, C, H, W), batch, y_axis, x_axis, chunks = cache
-    K, OH, OW = batch.shape[0], y_axis[0].shape[1], x_axis[0].shape[1]
-    if tuple(dout.shape) != (K, C, OH, OW):
-        raise ValueError(f"roi_align_backward: expected dout of shape (K, C, OH, OW) = "
-                         f"{(K, C, OH, OW)}, got {tuple(dout.shape)}")
+    R, OH, OW = batch.shape[0], y_axis[0].shape[1], x_axis[0].shape[1]
+    if tuple(dout.shape) != (R, C, OH, OW):
+        raise ValueError(f"roi_align_backward: expected dout of shape (R, C, OH, OW) = "
+                         f"{(R, C, OH, OW)}, got {tuple(dout.shape)}")
     xp = get_array_module(dout)
-    share = (dout / _count(y_axis, x_axis)).transpose(0, 2, 3, 1)  # (K, OH, OW, C): the bin average's
+    share = (dout / _count(y_axis, x_axis)).transpose(0, 2, 3, 1)  # (R, OH, OW, C): the bin average's
     d_rows = xp.zeros(N * H * W * C, dtype=dout.dtype)  # (cell, channel) pairs: cell * C + channel
     for index, A, B, cells in chunks:
         SH, SW = cells.shape[1:]
-        d_bin_rows = xp.matmul(B.transpose(0, 2, 1)[:, None], share[index])  # (R, OH, SW, C)
-        d_window = xp.matmul(A.transpose(0, 2, 1), d_bin_rows.reshape(-1, OH, SW * C))  # (R, SH, SW*C)
+        d_bin_rows = xp.matmul(B.transpose(0, 2, 1)[:, None], share[index])  # (R_c, OH, SW, C)
+        d_window = xp.matmul(A.transpose(0, 2, 1), d_bin_rows.reshape(-1, OH, SW * C))  # (R_c, SH, SW*C)
         # unbuffered: a pair in several windows (overlapping RoIs of one image) gets every term
         xp.add.at(d_rows, (cells[..., None] * C + xp.arange(C)).reshape(-1), d_window.reshape(-1))
     return xp.ascontiguousarray(d_rows.reshape(N, H, W, C).transpose(0, 3, 1, 2))
@@ -279,7 +279,7 @@ def _bilinear_simple(fmap, y: float, x: float):
 def roi_align_simple(features, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True):
     """The reference: loops over RoIs, bins and samples, in Python floats. Slow, obviously right.
 
-    Same arguments and shapes as ``roi_align``; returns only out: (K, C, OH, OW).
+    Same arguments and shapes as ``roi_align``; returns only out: (R, C, OH, OW).
     """
     OH, OW = _check_roi_align_args(features, boxes, output_size, spatial_scale, sampling_ratio,
                                    aligned, "roi_align_simple")

@@ -2,7 +2,7 @@
 with RoIAlign from the one pyramid level that Eq. (1) assigns it, as torchvision's
 ``MultiScaleRoIAlign``.
 
-Glossary: K RoIs, rows (batch_index, x1, y1, x2, y2) in image pixels; level k has stride 2**k
+Glossary: R RoIs, rows (batch_index, x1, y1, x2, y2) in image pixels; level k has stride 2**k
 (P2..P5: 4..32) and maps (N, C, H_k, W_k); OH, OW the pooled size (7 x 7 in the paper).
 """
 from __future__ import annotations
@@ -36,9 +36,9 @@ class RoIPooler(Module):
 
     forward(features, rois): features: a list of (N, C, H_k, W_k), one per level in ``levels``,
     finest first (P2, P3, P4, P5), each map half the size of the one before (rounded either way);
-    rois: (K, 5), same dtype, on the maps' device or a host (NumPy) array, as the detector's
-    bookkeeping makes them -> pooled: (K, C, OH, OW), in the order of ``rois``.
-    backward(dpooled (K, C, OH, OW)) -> a list of (N, C, H_k, W_k): each RoI's gradient goes to
+    rois: (R, 5), same dtype, on the maps' device or a host (NumPy) array, as the detector's
+    bookkeeping makes them -> pooled: (R, C, OH, OW), in the order of ``rois``.
+    backward(dpooled (R, C, OH, OW)) -> a list of (N, C, H_k, W_k): each RoI's gradient goes to
     the map it was pooled from; a level that no RoI went to gets zeros.
 
     Device -> host syncs per forward: one to read how many RoIs each level gets (none for host
@@ -73,7 +73,7 @@ class RoIPooler(Module):
         if not isinstance(aligned, bool):
             raise ValueError(f"RoIPooler: aligned must be True or False, got {aligned!r}")
         self.aligned = aligned
-        self.cache = None  # (K, C, OH, OW) and, per level, (RoI indices, roi_align cache)
+        self.cache = None  # (R, C, OH, OW) and, per level, (RoI indices, roi_align cache)
 
     def _check_features(self, features, rois):
         """Check the maps and the RoIs; return the RoIs on the maps' device (host rois are copied
@@ -95,28 +95,28 @@ class RoIPooler(Module):
                                  f"P{k - 1} map {tuple(fine.shape)}: expected the same N and C and "
                                  f"half the height and width (maps finest first, one per level)")
         if rois.ndim != 2 or rois.shape[1] != 5:
-            raise ValueError(f"RoIPooler: expected rois of shape (K, 5), rows (batch_index, x1, y1, "
+            raise ValueError(f"RoIPooler: expected rois of shape (R, 5), rows (batch_index, x1, y1, "
                              f"x2, y2), got shape {tuple(rois.shape)}")
         return rois
 
     def _sort_by_level(self, rois):
-        """order (K,) int64: the RoIs sorted by their Eq. (1) level (stable), on the rois' device;
+        """order (R,) int64: the RoIs sorted by their Eq. (1) level (stable), on the rois' device;
         and per level the (start, stop) of its RoIs in ``order``, as host ints (one read)."""
         xp = get_array_module(rois)
         assigned = map_levels(rois[:, 1:], self.levels[0], self.levels[-1], self.canonical_size,
-                              self.canonical_level)  # (K,) the level of each RoI
+                              self.canonical_level)  # (R,) the level of each RoI
         order = xp.argsort(assigned, kind="stable")
         levels = xp.arange(self.levels[0], self.levels[-1] + 1)[:, None]
         counts = to_numpy((assigned == levels).sum(axis=1)).tolist()  # CuPy's bincount: 2 more syncs
         return order, [(stop - n, stop) for n, stop in zip(counts, accumulate(counts))]
 
     def forward(self, features, rois):
-        """features: list of (N, C, H_k, W_k) per level; rois: (K, 5) -> (K, C, OH, OW)."""
+        """features: list of (N, C, H_k, W_k) per level; rois: (R, 5) -> (R, C, OH, OW)."""
         on_device = self._check_features(features, rois)
         xp = get_array_module(on_device)
         order, bounds = self._sort_by_level(rois)  # where the rois are: on the host, no sync
-        K, C = rois.shape[0], features[0].shape[1]
-        pooled = xp.zeros((K, C, *self.output_size), dtype=features[0].dtype)
+        R, C = rois.shape[0], features[0].shape[1]
+        pooled = xp.zeros((R, C, *self.output_size), dtype=features[0].dtype)
         per_level = []
         for k, fmap, (start, stop) in zip(self.levels, features, bounds):
             index = order[start:stop]  # the RoIs Eq. (1) sends to level k
@@ -128,10 +128,10 @@ class RoIPooler(Module):
         return pooled
 
     def backward(self, dpooled):
-        """dpooled: (K, C, OH, OW) -> list of (N, C, H_k, W_k), finest level first."""
+        """dpooled: (R, C, OH, OW) -> list of (N, C, H_k, W_k), finest level first."""
         shape, per_level = self._need_cache(self.cache)
         if tuple(dpooled.shape) != tuple(shape):
-            raise ValueError(f"RoIPooler.backward: expected a gradient of shape (K, C, OH, OW) = "
+            raise ValueError(f"RoIPooler.backward: expected a gradient of shape (R, C, OH, OW) = "
                              f"{tuple(shape)}, got {tuple(dpooled.shape)}")
         # every RoI was pooled from one level only: its gradient goes back to that level alone
         return [F.roi_align_backward(dpooled[index], cache) for index, cache in per_level]

@@ -1,5 +1,5 @@
 """The record of one forward pass of a ``Detector``: what ``loss_of``, ``proposals`` and
-``predict`` read (and a two-stage detector's second stage: the maps and C2..C5 it pools from)."""
+``predict`` read (and a two-stage detector's second stage: the features and C2..C5 it pools from)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,13 +9,14 @@ from ..backend import get_array_module, to_numpy
 
 @dataclass
 class DetectorOutput:
-    """One forward pass: bottom_up [C2, C3, C4, C5]; maps, the maps the head ran on (finest
-    first, named in ``Detector.head_maps``); logits (N, T, K + 1) and deltas (N, T, 4), one row
-    per anchor; anchors, per map a host (T_l, 4); sizes, per map (H_l, W_l); image_size (H, W);
-    checks, [(0-d device flag, function that raises)]: the finite checks, not yet read."""
+    """One forward pass: bottom_up [C2, C3, C4, C5]; features, the maps the head ran on (finest
+    first, named in ``Detector.head_maps``; what ``Detector.features`` returns); logits
+    (N, T, K + 1) and deltas (N, T, 4), one row per anchor; anchors, per map a host (T_l, 4);
+    sizes, per map (H_l, W_l); image_size (H, W); checks, [(0-d device flag, function that
+    raises)]: the finite checks, not yet read."""
 
     bottom_up: list
-    maps: list
+    features: list
     logits: object
     deltas: object
     anchors: list

@@ -2,8 +2,8 @@
 hidden 1,024-d fully-connected (fc) layers (each followed by ReLU) before the final
 classification and bounding box regression layers").
 
-Glossary: R RoIs, C channels of the pooled features (d), P = pool_size (7), D = hidden,
-K classes plus background (class 0).
+Glossary: R RoIs, C channels of the pooled features (d), OH = OW = pool_size (7), HID = hidden,
+K classes plus background (class 0), P the sampled positives.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from ..nn import Linear, Module, init
 
 
 class FastRCNNHead(Module):
-    """The "2fc MLP head" and the Fast R-CNN predictor, for RoI features x: (R, C, P, P):
-        h6        = relu(fc6(flatten(x)))   (R, D)        flatten: (R, C * P * P)
-        h7        = relu(fc7(h6))           (R, D)
+    """The "2fc MLP head" and the Fast R-CNN predictor, for RoI features x: (R, C, OH, OW):
+        h6        = relu(fc6(flatten(x)))   (R, HID)      flatten: (R, C * OH * OW)
+        h7        = relu(fc7(h6))           (R, HID)
         cls_score = cls_score(h7)           (R, K + 1)    logits, class 0 = background
         bbox_pred = bbox_pred(h7)           (R, 4 * (K + 1)) deltas (dx, dy, dw, dh) of every class
     Box regression is class-specific: row r's deltas for class k are bbox_pred[r, 4k:4k+4].
@@ -53,13 +53,13 @@ class FastRCNNHead(Module):
 
     def _check_features(self, features):
         check_nchw(features, "FastRCNNHead", "features")
-        C, P = self.in_channels, self.pool_size
-        if tuple(features.shape[1:]) != (C, P, P):
-            raise ValueError(f"FastRCNNHead: expected features of shape (R, {C}, {P}, {P}) "
+        C, S = self.in_channels, self.pool_size
+        if tuple(features.shape[1:]) != (C, S, S):
+            raise ValueError(f"FastRCNNHead: expected features of shape (R, {C}, {S}, {S}) "
                              f"(R, in_channels, pool_size, pool_size), got {tuple(features.shape)}")
 
     def forward(self, features):
-        """features: (R, C, P, P) pooled RoIs -> (cls_score (R, K + 1), bbox_pred (R, 4 * (K + 1)))."""
+        """features: (R, C, OH, OW) pooled RoIs -> (cls_score (R, K + 1), bbox_pred (R, 4 * (K + 1)))."""
         self._check_features(features)
         R = features.shape[0]
         x = features.reshape(R, self.in_channels * self.pool_size ** 2)  # not (R, -1): R may be 0
@@ -70,7 +70,7 @@ class FastRCNNHead(Module):
 
     def backward(self, grads):
         """grads: (d_cls, d_box), the gradients of forward's two outputs, (R, K + 1) and
-        (R, 4 * (K + 1)) -> d features (R, C, P, P); every parameter's gradient is added to its
+        (R, 4 * (K + 1)) -> d features (R, C, OH, OW); every parameter's gradient is added to its
         ``.grad``."""
         features_shape, relu6, relu7 = self._need_cache(self.cache)
         d_cls, d_box = grads

@@ -148,7 +148,7 @@ class TwoStageDetector(Module):
     def _pool(self, rois):
         """rois (R, 5) on the maps' device -> pooled (R, C, OH, OW) from the last forward's maps
         at the pooler's levels: P2..P5 (C = d), P2, or C4 (C = widths[2])."""
-        maps = {"P": self.rpn_out.maps, "C": self.rpn_out.bottom_up}[self.pool_from]  # from level 2
+        maps = {"P": self.rpn_out.features, "C": self.rpn_out.bottom_up}[self.pool_from]  # from level 2
         return self.pooler([maps[k - 2] for k in self.pooler.levels], rois)
 
     # ---- training -------------------------------------------------------------------------
@@ -182,7 +182,7 @@ class TwoStageDetector(Module):
         # stage 2: sample RoIs per image, pool them from the shared maps, classify and regress
         sampled = [sample_rois(p, b, lab, rng, c.rois_per_image, c.roi_positive_fraction)
                    for p, b, lab in zip(proposals, boxes, labels)]
-        rois = rois_with_batch_index([s[0] for s in sampled], out.maps[0].dtype, backend_name(images))
+        rois = rois_with_batch_index([s[0] for s in sampled], out.features[0].dtype, backend_name(images))
         roi_labels = np.concatenate([s[1] for s in sampled])
         roi_targets = np.concatenate([s[2] for s in sampled])
         cls_score, bbox_pred = self.roi_head(self._pool(rois))
@@ -230,7 +230,7 @@ class TwoStageDetector(Module):
             self.rpn_out = out = self.rpn.forward(images)
             out.read()  # the finite checks of the images and C2..C5
             proposals = self.rpn.proposals(out, c.pre_nms_top_n_test, c.post_nms_top_n_test, c.rpn_nms_iou)
-            rois = rois_with_batch_index(proposals, out.maps[0].dtype, backend_name(images))
+            rois = rois_with_batch_index(proposals, out.features[0].dtype, backend_name(images))
             cls_score, bbox_pred = self.roi_head(self._pool(rois))
         self.proposals = proposals
         xp = get_array_module(cls_score)

@@ -53,7 +53,7 @@ class Conv2d(Module):
 
 
 class Linear(Module):
-    """Fully connected layer. x: (K, in_features) -> (K, out_features), as ``torch.nn.Linear``.
+    """Fully connected layer. x: (N, in_features) -> (N, out_features), as ``torch.nn.Linear``.
 
     weight: (out_features, in_features), kaiming-uniform with a = sqrt(5), i.e.
     U(-1/sqrt(in_features), 1/sqrt(in_features)); bias: (out_features,), the same U: PyTorch's
