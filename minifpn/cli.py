@@ -245,11 +245,30 @@ def _validate_detector_options(args, error) -> None:
               f"{', '.join(RPN_SETTINGS)}, got {args.setting}")
 
 
+def _validate_configs(args, error) -> None:
+    """Build the job's configurations, which check their own values (DetectorConfig, TrainConfig,
+    TwoStageConfig), and report a refusal in the options' words: "negative_iou" as
+    "--negative-iou"."""
+    if not hasattr(args, "positive_iou"):
+        return
+    try:
+        _detector_config(args)
+        _train_config(args)
+    except ValueError as e:
+        message = re.sub(r"^\w+: ", "", str(e))  # "DetectorConfig: " says which config; a flag says more
+        error(re.sub(r"\b[a-z]+(?:_[a-z]+)+\b|\b[a-z]+\b",
+                     lambda m: f"--{m.group(0).replace('_', '-')}" if m.group(0) in vars(args)
+                     and m.group(0) not in _NOT_FLAGS else m.group(0), message))
+
+
+# option names that are also plain words of a message
+_NOT_FLAGS = {"job", "setting", "seed", "seeds", "norm", "lr", "detector", "resume", "argv", "name", "out",
+              "runs", "backend", "quiet"}
+
+
 def _validate_options(args, error) -> None:
     """Options that must agree with each other, and a backend that must be installed."""
-    if getattr(args, "negative_iou", None) is not None and args.negative_iou >= args.positive_iou:
-        error(f"--negative-iou must be below --positive-iou, got {args.negative_iou:g} >= "
-              f"{args.positive_iou:g}")
+    _validate_configs(args, error)
     given = {token.split("=", 1)[0] for token in getattr(args, "argv", [])}
     if getattr(args, "seeds", None) and "--seed" in given:
         error("--seed and --seeds: give one of them")

@@ -68,9 +68,10 @@ BAD_VALUES = {
         (["train", "--positive-iou", "1.5"], "--positive-iou must be an IoU in (0, 1], got 1.5"),
         (["train", "--negative-iou", "1"], "--negative-iou must be an IoU in [0, 1), got 1"),
         (["train", "--negative-iou", "-0.1"], "--negative-iou must be an IoU in [0, 1), got -0.1"),
-        (["train", "--negative-iou", "0.5"], "--negative-iou must be below --positive-iou, got 0.5 >= 0.4"),
+        (["train", "--negative-iou", "0.5"],  # DetectorConfig's own check, in the options' words
+         "--negative-iou must be below --positive-iou (an anchor cannot be both), got 0.5 >= 0.4"),
         (["ablation", "--positive-iou", "0.3"],  # the ablation's default negative IoU is 0.3
-         "--negative-iou must be below --positive-iou, got 0.3 >= 0.3"),
+         "--negative-iou must be below --positive-iou (an anchor cannot be both), got 0.3 >= 0.3"),
     ],
     "fraction": [
         (["train", "--positive-fraction", "0"], "--positive-fraction must be a fraction in (0, 1], got 0"),
