@@ -58,6 +58,12 @@ def load_checkpoint(path) -> dict:
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
+        if "meta" not in arrays and arrays and not any("/" in k for k in arrays):
+            raise CheckpointError(
+                f"{path} holds weights only (a state dict of {len(arrays)} arrays, no configuration), "
+                f"as the shipped reference weights do; `minifpn evaluate --reference fpn` (or "
+                f"bottom_up) evaluates the shipped pair, and a checkpoint.npz of `minifpn train` "
+                f"carries its configuration")
         meta = json.loads(str(arrays.pop("meta")))
     except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: "

@@ -335,7 +335,9 @@ def _validate_checkpoint_path(args, error) -> None:
         if not os.path.exists(os.path.join(args.checkpoint, INFO_FILE)):
             error(f"{args.checkpoint} is a folder without {INFO_FILE}; expected a checkpoint.npz file or "
                   f"a folder written by `minifpn reference --out FOLDER`")
-    else:
+    elif args.job == "evaluate" and (args.checkpoint is None) == (args.reference is None):
+        error("give a checkpoint or --reference NAME (the shipped fpn or bottom_up), one of them")
+    elif args.checkpoint is not None:
         if not os.path.exists(args.checkpoint):
             error(f"checkpoint {args.checkpoint} does not exist")
         if os.path.isdir(args.checkpoint):
@@ -529,7 +531,7 @@ def cmd_evaluate(args) -> int:
     from .detection.metrics import evaluate, format_metrics, without_labels
     from .train import CheckpointError, detector_kind, evaluate_detector
 
-    detector, ckpt = _detector_from_checkpoint(args.checkpoint, args.backend)
+    detector, ckpt = _evaluated_detector(args)
     if args.detector is not None and detector_kind(detector) != args.detector:
         raise CheckpointError(f"checkpoint {args.checkpoint} holds a {detector_kind(detector)} "
                               f"detector, not the {args.detector} one --detector asks for")
@@ -543,7 +545,8 @@ def cmd_evaluate(args) -> int:
         metrics, scored = evaluate(without_labels(detections), without_labels(truths), 1), \
             ", class-agnostic"
     two_stage = " (two_stage)" if detector_kind(detector) == "two_stage" else ""
-    print(f"{args.checkpoint}: setting {detector.config.setting}{two_stage}, trained "
+    source = args.checkpoint or f"reference {args.reference}"
+    print(f"{source}: setting {detector.config.setting}{two_stage}, trained "
           f"{ckpt['meta']['iteration']} iterations; {args.split} split, {args.scenes} scenes{scored}:")
     print(format_metrics(metrics))
     if args.json:
@@ -552,6 +555,17 @@ def cmd_evaluate(args) -> int:
 
 
 REFERENCE = "reference"  # `minifpn probe reference`: the shipped pair, minifpn.weights
+
+
+def _evaluated_detector(args):
+    """evaluate's detector and a checkpoint-like record ({"meta": iteration, train_config}): from
+    the checkpoint given, or the shipped reference detector ``--reference NAME``."""
+    if args.checkpoint is not None:
+        return _detector_from_checkpoint(args.checkpoint, args.backend)
+    from .weights import load_reference, reference_info
+    info = reference_info()
+    meta = {"iteration": info["iterations"], "train_config": info["train_config"]}
+    return load_reference(args.reference, args.backend), {"meta": meta}
 
 
 def _detector_from_checkpoint(path, backend):
@@ -810,7 +824,10 @@ def _evaluate_job(job) -> None:
             description="Load a checkpoint written by train or demo, rebuild its detector from the "
                         "configuration saved inside it, and print AP@[.5:.95], AP50, AP75 and AR, "
                         "overall and for small, medium and large digits.")
-    p.add_argument("checkpoint", help="path to checkpoint.npz")
+    p.add_argument("checkpoint", nargs="?", default=None, help="path to checkpoint.npz")
+    from .weights import NAMES
+    p.add_argument("--reference", choices=NAMES, default=None,
+                   help="evaluate a shipped reference detector (minifpn/weights) instead of a checkpoint")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="scene split")
     p.add_argument("--scenes", type=positive_int, default=EVAL_SCENES, help="number of scenes")
     from .train import DETECTORS

@@ -84,6 +84,37 @@ def test_evaluate_a_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "truncated or corrupt" in capsys.readouterr().err
 
 
+def test_evaluate_the_shipped_reference_reproduces_its_recorded_metrics(capsys):
+    # reference.json records each detector's metrics on the first 100 test scenes (quick_metrics)
+    from minifpn.weights import QUICK_SCENES, reference_info
+
+    recorded = reference_info()["detectors"]["bottom_up"]["quick_metrics"]
+    assert main(["evaluate", "--reference", "bottom_up", "--scenes", str(QUICK_SCENES), "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == f"reference bottom_up: setting bottom_up, trained 1600 iterations; test split, " \
+                     f"{QUICK_SCENES} scenes:"
+    assert json.loads(out[-1]) == pytest.approx(recorded, abs=1e-12)
+
+
+def test_evaluate_a_weights_only_file_says_what_it_is_and_what_to_run(capsys):
+    from minifpn.weights import FOLDER
+
+    assert main(["evaluate", str(pathlib.Path(FOLDER) / "fpn.npz")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "holds weights only (a state dict of" in err and "no configuration" in err
+    assert "`minifpn evaluate --reference fpn`" in err
+
+
+@pytest.mark.parametrize("argv", [["evaluate"], ["evaluate", "ckpt.npz", "--reference", "fpn"]])
+def test_evaluate_needs_exactly_one_of_a_checkpoint_and_reference(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "give a checkpoint or --reference NAME (the shipped fpn or bottom_up), one of them" in \
+        capsys.readouterr().err
+
+
 def test_ablation_writes_the_table(tmp_path, capsys):
     assert main(["ablation", *TINY, "--runs", str(tmp_path), "--settings", "b,c"]) == 0
     table = (tmp_path / "ablation" / "table1.md").read_text()
