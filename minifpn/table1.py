@@ -377,8 +377,103 @@ def plot_regime_map(data: dict):
     return fig
 
 
+# ---- learning curves: (c) and (d) at every kept checkpoint of a run (docs/results/learning_curve.py) --
+
+def learning_curves(recipe: dict, a: str = "fpn", b: str = "bottom_up", metric: str = "AR_small") -> dict:
+    """One recipe of docs/results/learning_curve.json ({"seeds", "runs": {"SETTING/SEED":
+    {"points": {step: {"metrics"}}}}}) -> {"steps": [...], a: cells, b: cells, "difference": cells},
+    one cell per step: {"mean", "std", "values"} over the seeds, in % (``aggregate``'s rule); the
+    difference is a - b seed by seed. ``crossings``: the steps after which the mean difference
+    changed sign."""
+    seeds = recipe["seeds"]
+
+    def points(name, seed):  # {step: metric in %} of one run
+        run = recipe["runs"][f"{name}/{seed}"]["points"]
+        return {int(step): 100 * p["metrics"][metric] for step, p in run.items()}
+
+    per = {name: [points(name, seed) for seed in seeds] for name in (a, b)}
+    steps = sorted(per[a][0])
+    if any(sorted(run) != steps for runs in per.values() for run in runs):
+        raise ValueError(f"every run must keep the same steps {steps}")
+
+    def cells(values_at):
+        return [_cell([values_at(i, step) for i in range(len(seeds))]) for step in steps]
+
+    out = {"steps": steps, "seeds": seeds, "metric": metric,
+           a: cells(lambda i, step: per[a][i][step]), b: cells(lambda i, step: per[b][i][step]),
+           "difference": cells(lambda i, step: per[a][i][step] - per[b][i][step])}
+    means = [c["mean"] for c in out["difference"]]
+    out["crossings"] = [steps[i + 1] for i in range(len(steps) - 1) if (means[i] > 0) != (means[i + 1] > 0)]
+    return out
+
+
+def _cell(values: list) -> dict:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def markdown_learning_curves(curves: dict, a: str = "fpn", b: str = "bottom_up") -> str:
+    """``learning_curves``' output as a markdown table: one row per step, mean ± std of a, b and
+    a - b, each seed's own difference, and whether it is beyond the spread (std_a + std_b)."""
+    la, lb = SETTINGS[a].letter, SETTINGS[b].letter
+    lines = [f"| step | ({la}) {a} | ({lb}) {b} | ({la}) − ({lb}) | per seed | beyond the spread? |",
+             "|---|---|---|---|---|---|"]
+    for i, step in enumerate(curves["steps"]):
+        x, y, d = curves[a][i], curves[b][i], curves["difference"][i]
+        beyond = abs(d["mean"]) > x["std"] + y["std"]
+        lines.append(f"| {step} | {_mean_std(x)} | {_mean_std(y)} | {d['mean']:+.1f} | "
+                     + ", ".join(f"{v:+.1f}" for v in d["values"]) + f" | {'yes' if beyond else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot_learning_curves(results: dict, a: str = "fpn", b: str = "bottom_up"):
+    """docs/results/learning_curve.json drawn: per recipe, the metric of a and b against steps
+    (mean over seeds, ± std shaded, each seed a thin line); last, a - b per recipe, with the
+    paper's direction (a above b) shaded. Returns the matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    colours = {a: "tab:blue", b: "tab:orange"}
+    fig, axes = plt.subplots(1, len(results) + 1, figsize=(4.0 * (len(results) + 1), 3.6))
+    for ax, (name, recipe) in zip(axes, results.items()):
+        curves = learning_curves(recipe, a, b)
+        for s in (a, b):
+            mean = [c["mean"] for c in curves[s]]
+            std = [c["std"] for c in curves[s]]
+            ax.plot(curves["steps"], mean, "o-", color=colours[s], label=f"({SETTINGS[s].letter}) {s}")
+            ax.fill_between(curves["steps"], [m - e for m, e in zip(mean, std)],
+                            [m + e for m, e in zip(mean, std)], color=colours[s], alpha=0.2)
+            for k in range(len(curves["seeds"])):
+                ax.plot(curves["steps"], [c["values"][k] for c in curves[s]], color=colours[s], lw=0.6,
+                        alpha=0.6)
+        ax.set_title(f"{name} recipe: {curves['metric']}, {len(curves['seeds'])} seeds", fontsize=9)
+        ax.set_xlabel("training step (a checkpoint of one run)")
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    ax = axes[-1]
+    for (name, recipe), style in zip(results.items(), ("o-", "s--")):
+        curves = learning_curves(recipe, a, b)
+        ax.errorbar(curves["steps"], [c["mean"] for c in curves["difference"]],
+                    yerr=[c["std"] for c in curves["difference"]], fmt=style, capsize=3, color="black",
+                    mfc="white" if style == "s--" else "black", label=f"{name} recipe")
+    ax.axhline(0, color="0.4", lw=0.8)
+    top = max(abs(v) for v in ax.get_ylim())
+    ax.axhspan(0, top, color="tab:green", alpha=0.1)
+    ax.text(0.02, 0.97, f"paper's direction: ({SETTINGS[a].letter}) above ({SETTINGS[b].letter})",
+            transform=ax.transAxes, va="top", fontsize=8, color="tab:green")
+    ax.set_ylim(-top, top)
+    ax.set_title(f"({SETTINGS[a].letter}) − ({SETTINGS[b].letter}), mean ± std over seeds", fontsize=9)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("points")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 __all__ = ["CHOICES", "ITERATIONS", "LETTERS", "PAPER_AR100", "PAPER_AR1K", "PAPER_RPN", "SEED_COLUMNS",
            "SETTINGS", "Setting", "aggregate", "beyond_spread", "collect_summaries", "markdown_table",
            "markdown_table_over_seeds", "resolve", "run_ablation", "run_over_seeds", "write_over_seeds",
            "K10_COLUMNS", "REGIMES", "REGIME_LABELS", "markdown_regime_map", "plot_regime_map",
-           "regime_effect", "regime_map", "regime_of", "summaries_from_reference"]
+           "regime_effect", "regime_map", "regime_of", "summaries_from_reference", "learning_curves",
+           "markdown_learning_curves", "plot_learning_curves"]

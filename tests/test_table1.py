@@ -270,3 +270,37 @@ def test_ablation_options_reach_the_train_config():
     assert args.seeds == [2, 0, 1]
     assert _train_config(args).scenes == {"distractors": 10}
     assert _train_config(build_parser().parse_args(["ablation"])).scenes == {}  # default scenes
+
+
+def _curve_recipe(values):
+    # values: {setting: [[AR_s per step] per seed]} at steps 100 and 200 -> learning_curve.json's form
+    runs = {f"{name}/{seed}": {"points": {str(step): {"metrics": {"AR_small": v}}
+                                          for step, v in zip((100, 200), per_step)}}
+            for name, seeds in values.items() for seed, per_step in enumerate(seeds)}
+    return {"seeds": [0, 1, 2], "runs": runs}
+
+
+def test_learning_curves_give_mean_std_and_per_seed_differences_and_find_the_crossing():
+    from minifpn.table1 import learning_curves, markdown_learning_curves
+
+    recipe = _curve_recipe({"fpn": [[0.30, 0.40], [0.32, 0.44], [0.34, 0.42]],
+                            "bottom_up": [[0.28, 0.50], [0.30, 0.46], [0.26, 0.48]]})
+    curves = learning_curves(recipe)
+    assert curves["steps"] == [100, 200]
+    assert curves["fpn"][0]["mean"] == pytest.approx(32.0) and curves["fpn"][0]["std"] == pytest.approx(2.0)
+    assert curves["difference"][0]["values"] == pytest.approx([2.0, 2.0, 8.0])
+    assert curves["difference"][1]["values"] == pytest.approx([-10.0, -2.0, -6.0])
+    assert curves["difference"][1]["mean"] == pytest.approx(-6.0)
+    assert curves["crossings"] == [200]  # (c) ahead at 100, behind at 200
+    table = markdown_learning_curves(curves)
+    assert "| 100 | 32.0 ± 2.0 | 28.0 ± 2.0 | +4.0 | +2.0, +2.0, +8.0 | no |" in table  # 4.0 = 2 + 2
+    assert "| 200 | 42.0 ± 2.0 | 48.0 ± 2.0 | -6.0 | -10.0, -2.0, -6.0 | yes |" in table
+
+
+def test_learning_curves_refuse_runs_with_different_steps():
+    from minifpn.table1 import learning_curves
+
+    recipe = _curve_recipe({"fpn": [[0.3, 0.4]] * 3, "bottom_up": [[0.3, 0.4]] * 3})
+    del recipe["runs"]["bottom_up/2"]["points"]["200"]
+    with pytest.raises(ValueError, match=r"every run must keep the same steps \[100, 200\]"):
+        learning_curves(recipe)
