@@ -427,35 +427,47 @@ def markdown_learning_curves(curves: dict, a: str = "fpn", b: str = "bottom_up")
 
 
 def plot_learning_curves(results: dict, a: str = "fpn", b: str = "bottom_up"):
-    """docs/results/learning_curve.json drawn: per recipe, the metric of a and b against steps
-    (mean over seeds, ± std shaded, each seed a thin line); last, a - b per recipe, with the
-    paper's direction (a above b) shaded. Returns the matplotlib Figure."""
+    """docs/results/learning_curve.json drawn, three panels per row: per recipe, the metric of a and
+    b against steps (mean over seeds, ± std shaded, each seed a thin line); last, a - b of every
+    recipe, with the paper's direction (a above b) shaded. Returns the matplotlib Figure."""
     import matplotlib.pyplot as plt
 
-    colours = {a: "tab:blue", b: "tab:orange"}
-    fig, axes = plt.subplots(1, len(results) + 1, figsize=(4.0 * (len(results) + 1), 3.6))
+    rows = -(-(len(results) + 1) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(12, 3.4 * rows), squeeze=False)
+    axes = axes.ravel()
     for ax, (name, recipe) in zip(axes, results.items()):
-        curves = learning_curves(recipe, a, b)
-        for s in (a, b):
-            mean = [c["mean"] for c in curves[s]]
-            std = [c["std"] for c in curves[s]]
-            ax.plot(curves["steps"], mean, "o-", color=colours[s], label=f"({SETTINGS[s].letter}) {s}")
-            ax.fill_between(curves["steps"], [m - e for m, e in zip(mean, std)],
-                            [m + e for m, e in zip(mean, std)], color=colours[s], alpha=0.2)
-            for k in range(len(curves["seeds"])):
-                ax.plot(curves["steps"], [c["values"][k] for c in curves[s]], color=colours[s], lw=0.6,
-                        alpha=0.6)
-        ax.set_title(f"{name} recipe: {curves['metric']}, {len(curves['seeds'])} seeds", fontsize=9)
-        ax.set_xlabel("training step (a checkpoint of one run)")
-        ax.set_ylabel("%")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    ax = axes[-1]
-    for (name, recipe), style in zip(results.items(), ("o-", "s--")):
-        curves = learning_curves(recipe, a, b)
-        ax.errorbar(curves["steps"], [c["mean"] for c in curves["difference"]],
-                    yerr=[c["std"] for c in curves["difference"]], fmt=style, capsize=3, color="black",
-                    mfc="white" if style == "s--" else "black", label=f"{name} recipe")
+        _plot_recipe(ax, name, learning_curves(recipe, a, b), a, b)
+    all_curves = {name: learning_curves(r, a, b) for name, r in results.items()}
+    _plot_differences(axes[len(results)], all_curves, a, b)
+    for ax in axes[len(results) + 1:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def _plot_recipe(ax, name: str, curves: dict, a: str, b: str) -> None:
+    colours = {a: "tab:blue", b: "tab:orange"}
+    for s in (a, b):
+        mean, std = [c["mean"] for c in curves[s]], [c["std"] for c in curves[s]]
+        ax.plot(curves["steps"], mean, "o-", color=colours[s], label=f"({SETTINGS[s].letter}) {s}")
+        ax.fill_between(curves["steps"], [m - e for m, e in zip(mean, std)],
+                        [m + e for m, e in zip(mean, std)], color=colours[s], alpha=0.2)
+        for k in range(len(curves["seeds"])):
+            ax.plot(curves["steps"], [c["values"][k] for c in curves[s]], color=colours[s], lw=0.6, alpha=0.6)
+    ax.set_title(f"{name}: {curves['metric']}, {len(curves['seeds'])} seeds", fontsize=9)
+    ax.set_xlabel("training step (a checkpoint of one run)", fontsize=8)
+    ax.set_ylabel("%")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _plot_differences(ax, curves: dict, a: str, b: str) -> None:
+    styles = [("o-", "black"), ("s--", "black"), ("^-", "tab:purple"), ("v--", "tab:green")]
+    for k, (name, c) in enumerate(curves.items()):
+        fmt, colour = styles[k % len(styles)]
+        ax.errorbar(c["steps"], [d["mean"] for d in c["difference"]],
+                    yerr=[d["std"] for d in c["difference"]], fmt=fmt, capsize=3, color=colour,
+                    mfc="white" if k % 2 else colour, label=name)
     ax.axhline(0, color="0.4", lw=0.8)
     top = max(abs(v) for v in ax.get_ylim())
     ax.axhspan(0, top, color="tab:green", alpha=0.1)
@@ -463,12 +475,10 @@ def plot_learning_curves(results: dict, a: str = "fpn", b: str = "bottom_up"):
             transform=ax.transAxes, va="top", fontsize=8, color="tab:green")
     ax.set_ylim(-top, top)
     ax.set_title(f"({SETTINGS[a].letter}) − ({SETTINGS[b].letter}), mean ± std over seeds", fontsize=9)
-    ax.set_xlabel("training step")
+    ax.set_xlabel("training step", fontsize=8)
     ax.set_ylabel("points")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    return fig
+    ax.legend(fontsize=7, loc="lower right")
 
 
 __all__ = ["CHOICES", "ITERATIONS", "LETTERS", "PAPER_AR100", "PAPER_AR1K", "PAPER_RPN", "SEED_COLUMNS",
