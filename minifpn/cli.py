@@ -267,8 +267,8 @@ _NOT_FLAGS = {"job", "setting", "seed", "seeds", "norm", "lr", "detector", "resu
 
 
 def _validate_options(args, error) -> None:
-    """Options that must agree with each other, and a backend that must be installed."""
-    _validate_configs(args, error)
+    """Options that must agree with each other, and a backend that must be installed; then the
+    configurations' own checks (after the CLI's, which can name the options more precisely)."""
     given = {token.split("=", 1)[0] for token in getattr(args, "argv", [])}
     if getattr(args, "seeds", None) and "--seed" in given:
         error("--seed and --seeds: give one of them")
@@ -284,6 +284,7 @@ def _validate_options(args, error) -> None:
             get_backend(args.backend)
         except BackendError as e:
             error(f"--backend {args.backend} cannot be used: {e}")
+    _validate_configs(args, error)
 
 
 def _validate_backbone_options(args, error) -> None:
@@ -827,7 +828,8 @@ def _evaluate_job(job) -> None:
     p.add_argument("checkpoint", nargs="?", default=None, help="path to checkpoint.npz")
     from .weights import NAMES
     p.add_argument("--reference", choices=NAMES, default=None,
-                   help="evaluate a shipped reference detector (minifpn/weights) instead of a checkpoint")
+                   help="evaluate a shipped reference detector (minifpn/weights) instead of a checkpoint "
+                        "(default: none, a checkpoint is given)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="scene split")
     p.add_argument("--scenes", type=positive_int, default=EVAL_SCENES, help="number of scenes")
     from .train import DETECTORS

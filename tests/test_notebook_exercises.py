@@ -55,6 +55,11 @@ EXERCISES = {
         "my_im2col": lambda: (np.arange(16.0).reshape(1, 1, 4, 4), 3, 1, 0),
         "my_col2im": lambda: (np.ones((1, 3, 3, 1, 2, 2)), (1, 1, 4, 4), 1, 0),
     },
+    "04b_detection_primer.ipynb": {
+        "my_iou": lambda: (np.array([[0.0, 0, 10, 10], [5, 5, 15, 15]]), np.array([[0.0, 0, 10, 10]])),
+        "my_nms": lambda: (np.array([[0.0, 0, 10, 10], [1, 0, 11, 10], [30, 30, 40, 40]]),
+                           np.array([0.9, 0.8, 0.7]), 0.5),
+    },
     "02_backprop_and_gradient_checks.ipynb": {
         "my_max_pool2d_backward": lambda: (np.ones((1, 1, 2, 2)), np.arange(16.0).reshape(1, 1, 4, 4), 2, 2),
         "my_upsample_nearest_backward": lambda: (np.ones((1, 1, 4, 4)), (2, 2)),
