@@ -2,23 +2,26 @@
 USE_SOLUTIONS = True, a stub that raises NotImplementedError, a collapsed solution cell tagged
 "solution" that only runs while USE_SOLUTIONS is true, a check cell that grades the stub's function),
 the solutions against the library on tiny inputs, and the check cells: they pass right answers and
-fail the usual wrong ones.
+fail the usual wrong ones. The exercise layout itself (stub, tagged and collapsed solution, check cell,
+stub raising and the solution running only with USE_SOLUTIONS) is tested for 04b with every other
+notebook, in tests/test_notebook_exercises.py.
 
 Fast: the cells are read from the notebook JSON and run alone; the notebook itself runs under
 ``pytest --nbmake``.
 """
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from test_notebook_exercises import NOTEBOOKS, SETUP_LINE, source
+from test_notebook_exercises import cells as notebook_cells
+from test_notebook_exercises import exercise_cells as notebook_exercise_cells
 
 from minifpn.detection import box_iou, nms
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "04b_detection_primer.ipynb"
-SETUP_LINE = "USE_SOLUTIONS = True  # False: grade your own code below"
-SOLUTION_FIRST_LINE = "if USE_SOLUTIONS:  # the solution; run with False to grade yours"
+NAME = "04b_detection_primer.ipynb"
+NOTEBOOK = NOTEBOOKS / NAME
 
 
 def _tiny_iou_case():
@@ -37,26 +40,12 @@ EXERCISES = {"my_iou": _tiny_iou_case, "my_nms": _tiny_nms_case}
 
 
 def cells():
-    return json.loads(NOTEBOOK.read_text())["cells"]
-
-
-def source(cell):
-    return "".join(cell["source"])
+    return notebook_cells(NAME)
 
 
 def exercise_cells():
-    """{function name: (stub cell, solution cell, check cell)} for every "### Your turn" of the notebook
-    (a markdown cell that starts with the heading, as tests/test_notebook_exercises.py reads them)."""
-    found = {}
-    nb = cells()
-    for i, cell in enumerate(nb):
-        if cell["cell_type"] != "markdown" or not source(cell).lstrip().startswith("### Your turn:"):
-            continue
-        stub, solution, check = nb[i + 1:i + 4]
-        match = re.search(r"^def (my_\w+)\(", source(stub), flags=re.MULTILINE)
-        assert match, f"the cell after the 'Your turn' of cell {i} defines no my_<name>"
-        found[match[1]] = (stub, solution, check)
-    return found
+    """{function name: (stub cell, solution cell, check cell)}, read as for every other notebook."""
+    return notebook_exercise_cells(NAME)
 
 
 def namespace(**extra):
@@ -86,37 +75,6 @@ def test_notebook_is_stored_without_outputs_and_with_cell_ids():
     assert all(c["outputs"] == [] and c["execution_count"] is None for c in code)
     ids = [c["id"] for c in nb["cells"]]
     assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{8}", i) for i in ids)
-
-
-def test_every_your_turn_has_a_stub_a_hidden_solution_and_a_check():
-    found = exercise_cells()
-    assert sorted(found) == sorted(EXERCISES)
-    for function, (stub, solution, check) in found.items():
-        assert stub["cell_type"] == solution["cell_type"] == check["cell_type"] == "code"
-        assert "# YOUR CODE HERE" in source(stub) and "raise NotImplementedError" in source(stub), function
-        assert "solution" in solution["metadata"].get("tags", []), f"{function}: solution cell not tagged"
-        assert solution["metadata"].get("jupyter", {}).get("source_hidden") is True, function
-        assert source(solution).splitlines()[0] == SOLUTION_FIRST_LINE, f"{function}: solution's first line"
-        assert re.search(rf"^    def {function}\(", source(solution), flags=re.MULTILINE), function
-        assert f"{function}(" in source(check) and "correct!" in source(check), function
-        assert "assert" in source(check), f"{function}: the check cell asserts nothing"
-
-
-@pytest.mark.parametrize("function", sorted(EXERCISES))
-def test_stub_raises_and_solution_runs_only_with_use_solutions(function):
-    stub, solution, _ = exercise_cells()[function]
-    args = EXERCISES[function]()
-    learner = namespace()
-    exec(source(stub), learner)
-    with pytest.raises(NotImplementedError, match="your turn"):
-        learner[function](*args)
-    exec(source(solution), namespace(USE_SOLUTIONS=False, **{function: learner[function]}))
-    with pytest.raises(NotImplementedError, match="your turn"):
-        learner[function](*args)
-    ns = namespace(USE_SOLUTIONS=True, **{function: learner[function]})
-    exec(source(solution), ns)
-    assert ns[function] is not learner[function]
-    ns[function](*args)
 
 
 def test_iou_solution_gives_the_library_values():
