@@ -245,6 +245,11 @@ def _validate_detector_options(args, error) -> None:
               f"{', '.join(RPN_SETTINGS)}, got {args.setting}")
 
 
+# option names that are also plain words of a message
+_NOT_FLAGS = {"job", "setting", "seed", "seeds", "norm", "lr", "detector", "resume", "argv", "name", "out",
+              "runs", "backend", "quiet"}
+
+
 def _validate_configs(args, error) -> None:
     """Build the job's configurations, which check their own values (DetectorConfig, TrainConfig,
     TwoStageConfig), and report a refusal in the options' words: "negative_iou" as
@@ -256,14 +261,9 @@ def _validate_configs(args, error) -> None:
         _train_config(args)
     except ValueError as e:
         message = re.sub(r"^\w+: ", "", str(e))  # "DetectorConfig: " says which config; a flag says more
-        error(re.sub(r"\b[a-z]+(?:_[a-z]+)+\b|\b[a-z]+\b",
+        error(re.sub(r"\b[a-z]+(?:_[a-z]+)*\b",  # a word or snake_case name
                      lambda m: f"--{m.group(0).replace('_', '-')}" if m.group(0) in vars(args)
                      and m.group(0) not in _NOT_FLAGS else m.group(0), message))
-
-
-# option names that are also plain words of a message
-_NOT_FLAGS = {"job", "setting", "seed", "seeds", "norm", "lr", "detector", "resume", "argv", "name", "out",
-              "runs", "backend", "quiet"}
 
 
 def _validate_options(args, error) -> None:
