@@ -1,14 +1,20 @@
-"""Pictures of the pyramid: every traced map (or gradient) of an FPN, one row per level.
+"""Pictures of the pyramid: every traced map (or gradient) of an FPN, one row per level; one
+location of the pyramid explored (``explore_location``); detections and loss curves.
 
-Host-only code: arrays are moved with ``to_numpy`` before they reach matplotlib.
+Host-only code: arrays are moved with ``to_numpy`` before they reach matplotlib or NumPy (the
+forward and backward that ``explore_location`` runs stay on the detector's backend).
 """
 from __future__ import annotations
 
+import contextlib
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_numpy
+from . import functional as F
+from .backend import get_array_module, to_device, to_numpy
+from .detection.boxes import box_iou
 
 STAGES = ["C", "lateral", "topdown", "M", "P"]
 STAGE_TITLES = {"C": "C_k (bottom-up)", "lateral": "lateral 1x1(C_k)",
@@ -33,7 +39,8 @@ STATISTICS = {"mean": "mean over channels", "absmean": "mean |value| over channe
 
 
 def plot_pyramid(traced: dict, mode: str = "absmean", sample: int = 0, title: str | None = None,
-                 cmap: str = "viridis", image=None, boxes=(), fig=None, colorbar: bool = True):
+                 cmap: str = "viridis", image=None, boxes=(), fig=None, colorbar: bool = True,
+                 width: float = 11.0):
     """Draw ``fpn.maps`` or ``fpn.grads``: rows are levels (finest at the top), columns the
     stages of the pathway (C_k, lateral_k, topdown_k, M_k, P_k); extra levels (P6, P7) get
     a row of their own. Each panel is one (H, W) ``channel_summary`` (``mode``) of a (N, C, H, W)
@@ -43,10 +50,12 @@ def plot_pyramid(traced: dict, mode: str = "absmean", sample: int = 0, title: st
     shown by a colourbar to the right of the row, so the stages of a level compare by colour;
     the title names the statistic. ``image`` (H, W) or (C, H, W), the input of sample ``sample``,
     is drawn in a first column beside the maps, with ``boxes`` (B, 4) as (x1, y1, x2, y2) in
-    green. ``fig``: a matplotlib Figure or SubFigure to draw into (e.g. one of
-    ``plt.figure().subfigures(1, 2)`` for two pyramids side by side); None makes a figure.
-    ``fig.axes`` lists the level x stage panels row by row, then the input panel; colourbars
-    are insets of each row's last panel. Returns the figure."""
+    green; the boxes are also drawn on every map of level k, in its cells: box / 2 ** k (the
+    level's stride), so a cell can be matched to its digit. ``fig``: a matplotlib Figure or
+    SubFigure to draw into; None makes a figure ``width`` inches wide (11: what a notebook column
+    shows without shrinking it; one pyramid per figure, the panels about 1.5 in). ``fig.axes``
+    lists the level x stage panels row by row, then the input panel; colourbars are insets of
+    each row's last panel. Returns the figure."""
     import matplotlib.pyplot as plt
 
     if mode not in STATISTICS:
@@ -55,12 +64,14 @@ def plot_pyramid(traced: dict, mode: str = "absmean", sample: int = 0, title: st
     traced = {name: value for name, value in traced.items() if value is not None}
     levels = sorted({int(re.fullmatch(r"[A-Za-z]+(\d+)", name)[1]) for name in traced})
     first = 0 if image is None else 1  # the input takes the first column
+    boxes = to_numpy(boxes).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
     made = fig is None
     if made:
-        fig = plt.figure(figsize=(2.3 * (len(STAGES) + 2 * first) + 0.6 * colorbar, 2.1 * len(levels)))
+        unit = (width - 0.7 * colorbar) / (len(STAGES) + 2 * first)  # inches per panel
+        fig = plt.figure(figsize=(width, unit * len(levels) + 0.8))
     grid = fig.add_gridspec(len(levels), len(STAGES) + first, width_ratios=[2] * first + [1] * len(STAGES))
     for row, k in enumerate(levels):
-        _pyramid_row(fig, grid, row, k, traced, mode, sample, cmap, first, colorbar)
+        _pyramid_row(fig, grid, row, k, traced, mode, sample, cmap, first, colorbar, boxes)
     if image is not None:
         ax = fig.add_subplot(grid[:, 0])
         show_image_with_boxes(ax, image, boxes, color="lime")
@@ -68,13 +79,15 @@ def plot_pyramid(traced: dict, mode: str = "absmean", sample: int = 0, title: st
     statistic = f"each panel: {STATISTICS[mode]}; one colour scale per row"
     fig.suptitle(f"{title}\n{statistic}" if title else statistic, fontsize=10)
     if made:
-        fig.subplots_adjust(left=0.04, right=0.93 if colorbar else 0.98, top=0.9, bottom=0.02,
-                            wspace=0.35 if colorbar else 0.1, hspace=0.15)
+        fig.subplots_adjust(left=0.03, right=0.92 if colorbar else 0.98,
+                            top=1 - 0.75 / fig.get_figheight(), bottom=0.01,
+                            wspace=0.35 if colorbar else 0.1, hspace=0.12)
     return fig
 
 
-def _pyramid_row(fig, grid, row, k, traced, mode, sample, cmap, first, colorbar):
-    """One level of ``plot_pyramid``: its panels on a shared colour scale, and the colourbar."""
+def _pyramid_row(fig, grid, row, k, traced, mode, sample, cmap, first, colorbar, boxes):
+    """One level of ``plot_pyramid``: its panels on a shared colour scale, the boxes in the
+    level's cells (boxes / 2 ** k), and the colourbar."""
     names = [f"{stage}{k}" for stage in STAGES]
     summaries = {name: channel_summary(traced[name], mode, sample) for name in names if name in traced}
     values = np.concatenate([a.ravel() for a in summaries.values()])
@@ -95,6 +108,7 @@ def _pyramid_row(fig, grid, row, k, traced, mode, sample, cmap, first, colorbar)
             ax.set_frame_on(False)
             continue
         drawn = ax.imshow(summaries[name], cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
+        _draw_cells_of_boxes(ax, boxes, 2 ** k)
         last = ax
         shape = tuple(to_numpy(traced[name]).shape[1:])
         zero = " = 0" if not summaries[name].any() else ""  # e.g. a level no gradient reaches
@@ -103,6 +117,20 @@ def _pyramid_row(fig, grid, row, k, traced, mode, sample, cmap, first, colorbar)
     if colorbar and drawn is not None:
         cax = last.inset_axes([1.05, 0.0, 0.07, 1.0])  # a child of the panel: not in fig.axes
         fig.colorbar(drawn, cax=cax).ax.tick_params(labelsize=7)
+
+
+def _draw_cells_of_boxes(ax, boxes, stride, color="lime"):
+    """Draw host ``boxes`` (B, 4), image pixels (x1, y1, x2, y2), on a map of ``stride`` already
+    drawn in ``ax``: box / stride in map cells (cell j covers pixels [j * stride, (j + 1) * stride)),
+    without changing the view."""
+    import matplotlib.patches as patches
+
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()
+    for x1, y1, x2, y2 in boxes / stride:  # imshow puts cell c's centre at c, its edges at c -+ 0.5
+        ax.add_patch(patches.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, color=color,
+                                       lw=0.8))
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)
 
 
 def show_image_with_boxes(ax, image, boxes=(), labels=(), color="lime", scores=None,
@@ -247,3 +275,275 @@ def plot_detections(images, detections, truths=None, columns: int = 4, min_score
     fig.legend(handles=handles, loc="upper center", ncol=2, fontsize=9, frameon=False,
                bbox_to_anchor=(0.5, 1.0))
     return fig
+
+
+# ---- one location of the pyramid, explored: its gradient, its anchors, the head's scores ----------
+
+@dataclass
+class LocationTrace:
+    """What ``trace_location`` measures for one detector at cell (row, col) of P_level; host arrays.
+
+    stride: 2 ** level; centre: (x, y), the cell's centre in image pixels, ((col + 0.5) * stride,
+    (row + 0.5) * stride); channel: the channel of P_level that holds the one-hot gradient;
+    grad_norms: {map name: ||d map||_2} for every traced map of the pathway (C_k, lateral_k,
+    topdown_k, M_k, P_k), 0.0 where no gradient arrives; grads: {map name: (C, H, W) gradient},
+    only the maps it reaches. rows: (A,) the rows of the cell's A anchors among the detector's T
+    anchors (``DetectorOutput.logits[0, rows]``); anchors: (A, 4) (x1, y1, x2, y2); ious: (A,) the
+    IoU of each with its nearest digit (the box it overlaps most); nearest: (A,) that box's index in
+    ``boxes`` (-1: it overlaps none); logits: (A, K + 1), the head's output at those rows; probs:
+    (A, K + 1), their softmax (column 0: background, column k: class k - 1)."""
+
+    name: str
+    level: int
+    row: int
+    col: int
+    stride: int
+    centre: tuple
+    channel: int
+    grad_norms: dict
+    grads: dict
+    rows: np.ndarray
+    anchors: np.ndarray
+    ious: np.ndarray
+    nearest: np.ndarray
+    logits: np.ndarray
+    probs: np.ndarray
+
+
+@dataclass
+class Exploration:
+    """What ``explore_location`` returns: the cell (level, row, col), one ``LocationTrace`` per
+    detector (``traces``, by name, in the order given) and the matplotlib ``figure``."""
+
+    level: int
+    row: int
+    col: int
+    traces: dict
+    figure: object
+
+
+@contextlib.contextmanager
+def _tracing(fpn):
+    """``fpn.trace`` on inside the block (maps and gradients kept by name), as it was afterwards."""
+    was, fpn.trace = fpn.trace, True
+    try:
+        yield fpn
+    finally:
+        fpn.trace = was
+
+
+def _fpn_of(detector, level: int):
+    """The detector's FPN, checked to output P_level; a ValueError otherwise."""
+    fpn = getattr(detector, "fpn", None)
+    if fpn is None:
+        raise ValueError("explore_location: the detector has no FPN (setting c4 or c5): no pyramid to trace")
+    if level not in fpn.output_levels:
+        raise ValueError(f"explore_location: level must be one of {fpn.output_levels}, got {level!r}")
+    return fpn
+
+
+def _check_cell(sizes, i: int, level: int, row: int, col: int) -> None:
+    """A ValueError for a cell (row, col) that is not on P_level, of size ``sizes[i]``."""
+    height, width = sizes[i]
+    if not (0 <= row < height and 0 <= col < width):
+        raise ValueError(f"explore_location: P{level} is {height} x {width}; cell ({row}, {col}) "
+                         f"is not on it")
+
+
+def _one_hot_backward(fpn, maps, i, row, col, channel):
+    """Send dP = 1 at (channel, row, col) of ``maps[i]`` (0 elsewhere, None on the other maps)
+    through ``fpn.backward`` (the trace on): returns the channel and {name: host (C, H, W) grad}."""
+    p = maps[i]
+    if channel is None:  # the channel most active there
+        channel = int(to_numpy(p[0, :, row, col]).argmax())
+    d_p = [None] * len(maps)
+    d_p[i] = get_array_module(p).zeros_like(p)
+    d_p[i][0, channel, row, col] = 1.0
+    fpn.backward(d_p)
+    return channel, {name: to_numpy(g)[0] for name, g in fpn.grads.items()}
+
+
+def _nearest_digit(anchors, boxes):
+    """(ious (A,), nearest (A,)): each anchor's largest IoU with a box and that box's index (-1: none)."""
+    if len(boxes) == 0:
+        return np.zeros(len(anchors)), np.full(len(anchors), -1)
+    iou = box_iou(anchors, boxes)  # (A, G)
+    ious, nearest = iou.max(axis=1), iou.argmax(axis=1)
+    return ious, np.where(ious > 0, nearest, -1)
+
+
+def trace_location(detector, image, boxes, level: int, row: int, col: int, channel=None,
+                   name: str = "") -> LocationTrace:
+    """One detector with an FPN (any variant) at cell (row, col) of P_level, on ``image`` (C, H, W)
+    with digit ``boxes`` (G, 4): a forward in eval mode with the FPN's trace on; a one-hot gradient
+    on P_level at that cell (``channel``; None: the channel most active there) traced down every
+    map by ``FPN.backward``; the cell's anchors, their IoU with the nearest digit, and the head's
+    outputs at their rows. Overwrites the layers' caches (as ``predict`` does) and leaves the FPN's
+    parameter gradients zeroed. Returns a ``LocationTrace`` (host arrays)."""
+    boxes = to_numpy(boxes).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+    fpn = _fpn_of(detector, level)
+    i = fpn.output_levels.index(level)
+    with detector.evaluating(), _tracing(fpn):
+        out = detector.forward(to_device(image, detector.backend)[None])
+        _check_cell(out.sizes, i, level, row, col)
+        channel, grads = _one_hot_backward(fpn, out.features, i, row, col, channel)
+        names = list(fpn.maps)
+    fpn.zero_grad()
+    norms = {m: float(np.sqrt((grads[m].astype(np.float64) ** 2).sum())) if m in grads else 0.0
+             for m in names}
+    per_cell = detector.num_anchors  # A anchors per cell, rows in (map, y, x, anchor) order
+    local = (row * out.sizes[i][1] + col) * per_cell
+    start = sum(len(a) for a in out.anchors[:i]) + local
+    anchors = np.asarray(out.anchors[i][local:local + per_cell], np.float64)
+    logits = out.logits[0, start:start + per_cell]  # (A, K + 1), on the detector's backend
+    ious, nearest = _nearest_digit(anchors, boxes)
+    stride = 2 ** level
+    return LocationTrace(name, level, row, col, stride, ((col + 0.5) * stride, (row + 0.5) * stride), channel,
+                         norms, grads, np.arange(start, start + per_cell), anchors, ious, nearest,
+                         to_numpy(logits), to_numpy(F.softmax(logits, axis=-1)))
+
+
+def explore_location(detectors: dict, image, boxes, level: int, row: int, col: int, labels=(),
+                     channel=None) -> Exploration:
+    """Explore one location of the pyramid in several detectors side by side (e.g. the reference
+    pair, {"fpn": ..., "bottom_up": ...}): for cell (row, col) of P_level (level 2..6; the cell
+    covers pixels [col * 2 ** level, (col + 1) * 2 ** level) across), on ``image`` (C, H, W) with
+    digit ``boxes`` (G, 4) (x1, y1, x2, y2) and their ``labels`` (G,):
+
+    * ``trace_location`` for each detector: the one-hot gradient on P_level traced down every map
+      of the pathway, the gradient norm of each map, the cell's anchors with their IoU to the
+      nearest digit, and the head's logits and softmax scores for them;
+    * one figure, 11 in wide: the input with the cell, its anchors and the digits; per detector a
+      grid of log10 ||d map||_2 (rows: levels, columns: C_k, lateral_k, topdown_k, M_k, P_k; one
+      colour scale for all); per detector mean |dC_k| over channels for k = 2..5, with the boxes
+      in each level's cells; and a table of the anchors (box, IoU, nearest digit, each detector's
+      best class and score, and its background score).
+
+    Returns an ``Exploration`` holding the numbers (``traces``) and the ``figure``."""
+    traces = {name: trace_location(det, image, boxes, level, row, col, channel, name)
+              for name, det in detectors.items()}
+    labels = to_numpy(labels).reshape(-1) if len(labels) else ()
+    figure = _exploration_figure(traces, image, to_numpy(boxes).reshape(-1, 4) if len(boxes) else
+                                 np.zeros((0, 4)), labels)
+    return Exploration(level, row, col, traces, figure)
+
+
+ANCHOR_COLORS = ("orange", "deepskyblue", "magenta", "yellow", "red", "white")  # the cell's anchors, in order
+
+
+def _exploration_figure(traces: dict, image, boxes, labels):
+    """The figure of ``explore_location``: host ``boxes`` (G, 4) and ``labels`` (G,) or ()."""
+    import matplotlib.pyplot as plt
+
+    names, first = list(traces), next(iter(traces.values()))
+    fig = plt.figure(figsize=(11, 8.6), layout="constrained")
+    top, middle, bottom = fig.subfigures(3, 1, height_ratios=[3.9, 2.0, 1.1])
+    axes = top.subplots(1, 1 + len(names), gridspec_kw=dict(width_ratios=[1.15] + [1] * len(names)))
+    _draw_location(axes[0], image, boxes, labels, first)
+    logs = [np.log10(v) for t in traces.values() for v in t.grad_norms.values() if v > 0]
+    scale = (min(logs), max(logs)) if logs else (-1.0, 1.0)
+    for ax, name in zip(axes[1:], names):
+        _draw_norm_grid(ax, traces[name], scale)
+    strip = middle.subplots(1, 4 * len(names))
+    for j, name in enumerate(names):
+        _draw_backbone_gradients(strip[4 * j:4 * j + 4], traces[name], boxes)
+    middle.suptitle("the gradient that reaches the backbone: mean |dC_k| over channels, each panel its own "
+                    "colour scale;\ngreen: the digits' boxes in each level's cells; +: the explored location",
+                    fontsize=9)
+    _draw_anchor_table(bottom.subplots(), traces, labels)
+    fig.suptitle(f"P{first.level} cell ({first.row}, {first.col}): stride {first.stride}, centre "
+                 f"({first.centre[0]:g}, {first.centre[1]:g}) px; a one-hot gradient on the channel most "
+                 f"active there (each detector its own)", fontsize=10)
+    return fig
+
+
+def _draw_location(ax, image, boxes, labels, trace):
+    """The input, the digits (green), the explored cell (red square) and its anchors (colours)."""
+    import matplotlib.patches as patches
+
+    show_image_with_boxes(ax, image, boxes, labels)
+    height, width = to_numpy(image).shape[-2:]
+    s = trace.stride
+    ax.add_patch(patches.Rectangle((trace.col * s - 0.5, trace.row * s - 0.5), s, s, fill=False,
+                                   color="red", lw=1.5))
+    for a, (x1, y1, x2, y2) in enumerate(trace.anchors):
+        ax.add_patch(patches.Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ls="--", lw=1,
+                                       color=ANCHOR_COLORS[a % len(ANCHOR_COLORS)]))
+    ax.plot(*trace.centre, "+", color="red", ms=10)
+    ax.set_xlim(-0.5, width - 0.5)  # anchors may leave the image: keep the view on it
+    ax.set_ylim(height - 0.5, -0.5)
+    ax.set_title(f"input: red, the P{trace.level} cell; dashed, its anchors a0..a{len(trace.anchors) - 1}",
+                 fontsize=8)
+
+
+def _norm_table(trace):
+    """(levels, (L, 5) array of ||d map||_2, NaN where the map does not exist) of a trace."""
+    levels = sorted({int(re.fullmatch(r"[A-Za-z]+(\d+)", m)[1]) for m in trace.grad_norms})
+    table = np.full((len(levels), len(STAGES)), np.nan)
+    for r, k in enumerate(levels):
+        for c, stage in enumerate(STAGES):
+            table[r, c] = trace.grad_norms.get(f"{stage}{k}", np.nan)
+    return levels, table
+
+
+def _draw_norm_grid(ax, trace, scale):
+    """log10 ||d map||_2 as a (levels x stages) grid, each cell with its value ("-": no such map,
+    "0": no gradient reaches it); ``scale`` (low, high) in log10, shared by the detectors."""
+    levels, table = _norm_table(trace)
+    shown = np.log10(np.where(table > 0, table, np.nan))
+    ax.imshow(np.ma.masked_invalid(shown), cmap="viridis", vmin=scale[0], vmax=scale[1])
+    ax.set_facecolor("0.85")
+    for (r, c), v in np.ndenumerate(table):
+        text = "-" if np.isnan(v) else "0" if v == 0 else f"{v:.2g}"
+        ax.text(c, r, text, ha="center", va="center", fontsize=8,
+                color="white" if v > 0 and shown[r, c] < (scale[0] + scale[1]) / 2 else "black")
+    ax.set_xticks(range(len(STAGES)), ["C", "lat", "top", "M", "P"], fontsize=8)
+    ax.set_yticks(range(len(levels)), [f"level {k}" for k in levels], fontsize=8)
+    ax.set_title(f"{trace.name}: ||d map||_2 from P{trace.level}\n(one log colour scale for all)",
+                 fontsize=9)
+
+
+def _draw_backbone_gradients(axes, trace, boxes):
+    """Mean |dC_k| over channels for k = 2..5 in four panels, the digits' boxes in the level's
+    cells and the explored location marked ("= 0": no gradient reaches C_k)."""
+    for ax, k in zip(axes, range(2, 6)):
+        grad = trace.grads.get(f"C{k}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if grad is None:
+            ax.set_box_aspect(1)
+            ax.text(0.5, 0.5, f"no gradient\nreaches C{k}", ha="center", va="center", fontsize=8,
+                    transform=ax.transAxes)
+            ax.set_title(f"{trace.name} dC{k} = 0", fontsize=8)
+            continue
+        ax.imshow(np.abs(grad).mean(axis=0), cmap="magma", interpolation="nearest")
+        _draw_cells_of_boxes(ax, boxes, 2 ** k)
+        ax.plot(trace.centre[0] / 2 ** k - 0.5, trace.centre[1] / 2 ** k - 0.5, "+", color="cyan", ms=8)
+        ax.set_title(f"{trace.name} dC{k}", fontsize=8)
+
+
+def _anchor_rows_text(trace, labels):
+    """One line per anchor of the cell: its box, its IoU and the nearest digit."""
+    lines = []
+    for a, (box, iou, j) in enumerate(zip(trace.anchors, trace.ious, trace.nearest)):
+        digit = "-" if j < 0 else (str(labels[j]) if len(labels) else f"box {j}")
+        corners = ", ".join(f"{v:6.1f}" for v in box)
+        lines.append(f"a{a}  ({corners})  {iou:4.2f}  {digit:>7s}")
+    return lines
+
+
+def _draw_anchor_table(ax, traces, labels):
+    """The cell's anchors, one line each in its colour: box, IoU with the nearest digit, and per
+    detector its best class (K = 10: the digit) with its softmax score, and the background's."""
+    first = next(iter(traces.values()))
+    ax.set_axis_off()
+    header = f"{'':4s}{'anchor (x1, y1, x2, y2)':^34s}{'IoU':>6s}{'nearest':>9s}" + "".join(
+        f" | {name + ': best class, score, background':<34s}" for name in traces)
+    ax.text(0.0, 1.0, header, family="monospace", fontsize=8, va="top", transform=ax.transAxes)
+    for a, line in enumerate(_anchor_rows_text(first, labels)):
+        for t in traces.values():
+            best = int(t.probs[a, 1:].argmax())
+            line += f" | {best:>10d} {t.probs[a, best + 1]:9.3f} {t.probs[a, 0]:11.3f}{'':<2s}"
+        ax.text(0.0, 0.78 - 0.22 * a, line, family="monospace", fontsize=8, va="top",
+                transform=ax.transAxes, color=ANCHOR_COLORS[a % len(ANCHOR_COLORS)],
+                bbox=dict(facecolor="0.2", lw=0, pad=1))

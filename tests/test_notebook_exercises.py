@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import minifpn.functional as F
-from minifpn.detection import box_iou, map_levels, match_anchors
+from minifpn.detection import box_iou, match_anchors
 from minifpn.models import FPN
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -27,12 +27,6 @@ def _tiny_anchor_case():
     return anchors, boxes, 0.7, 0.3
 
 
-def _tiny_level_boxes():
-    # sides 4, 16 (exactly P3's lower edge), 16 a hair short, 40 and 128 px: P2, P3, P3, P4, P5
-    sides = np.array([4.0, 16.0, 16.0 * (1 - 1e-9), 40.0, 128.0])
-    return np.stack([0 * sides, 0 * sides, sides, sides], axis=1)  # (R, 4)
-
-
 def _tiny_pyramid_case():
     # C2..C5 of a 20x20 image (5, 3, 2, 1: ceil halving, so 3 -> 5 is not 2x), an FPN with d = 2
     rng = np.random.default_rng(0)
@@ -40,6 +34,24 @@ def _tiny_pyramid_case():
     features = [rng.standard_normal((1, c, s, s)).astype(np.float32) for c, s in sizes]
     fpn = FPN([2, 3, 4, 5], 2, seed=0)
     return fpn, features, fpn(features)[:4]  # the library's P2..P5
+
+
+def _tiny_p3_case():
+    # the FPN of _tiny_pyramid_case (P3 3x3, M4 2x2, M5 1x1: 3 -> 2 is not 2x), C2..C5 shapes, C2..C5
+    fpn, features, _ = _tiny_pyramid_case()
+    return fpn, [c.shape for c in features], features
+
+
+def _library_p3_gradient(fpn, features, channel, y, x):
+    """The FPN's own [dC2, dC3, dC4, dC5] for dL/dP3 one-hot at (image 0, channel, y, x), no other
+    gradient; the trace records which maps it reached."""
+    fpn.trace = True
+    p3 = fpn(features)[1]
+    d_p3 = np.zeros_like(p3)
+    d_p3[0, channel, y, x] = 1.0
+    grads = fpn.backward([None, d_p3, None, None, None])
+    assert "C2" not in fpn.grads and {"M3", "M4", "M5", "C3", "C4", "C5"} <= set(fpn.grads)
+    return grads
 
 
 def _tiny_frozen_bn_case():
@@ -71,7 +83,7 @@ EXERCISES = {
         "my_match_anchors": _tiny_anchor_case,
     },
     "09_roialign_and_two_stage.ipynb": {
-        "my_map_levels": lambda: (_tiny_level_boxes(), 2, 5, 32, 4),
+        "my_p3_gradient": lambda: _tiny_p3_case()[:2] + (1, 1, 2),
     },
     "10_pretraining_and_freezing.ipynb": {
         "my_frozen_batch_norm": _tiny_frozen_bn_case,
@@ -180,15 +192,24 @@ def test_tiny_solutions_give_the_library_values():
         np.testing.assert_array_equal(got, want)
 
 
-def test_level_solution_gives_the_library_values():
+def test_p3_gradient_solution_gives_the_library_values():
     solved = namespace(USE_SOLUTIONS=True)
-    exec(source(exercise_cells("09_roialign_and_two_stage.ipynb")["my_map_levels"][1]), solved)
-    boxes = _tiny_level_boxes()
-    for setting in [(2, 5, 32, 4), (2, 5, 224, 4), (3, 6, 8, 3)]:
-        got = solved["my_map_levels"](boxes, *setting)
-        assert got.dtype == np.int64
-        np.testing.assert_array_equal(got, map_levels(boxes, *setting))
-    np.testing.assert_array_equal(solved["my_map_levels"](boxes, 2, 5, 32, 4), [2, 3, 3, 4, 5])
+    exec(source(exercise_cells("09_roialign_and_two_stage.ipynb")["my_p3_gradient"][1]), solved)
+    fpn, shapes, features = _tiny_p3_case()
+    for channel in range(2):
+        for y in range(3):
+            for x in range(3):  # every cell of the 3x3 P3: the border's padding, and 3 -> 2 unequal runs
+                got = solved["my_p3_gradient"](fpn, shapes, channel, y, x)
+                want = _library_p3_gradient(fpn, features, channel, y, x)
+                assert want[0] is None and (got[0] is None or not np.any(got[0]))
+                for mine, theirs in zip(got[1:], want[1:]):
+                    assert mine.shape == theirs.shape and mine.dtype == np.float32
+                    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-7)
+    # the totals of dL/dM3, dL/dM4, dL/dM5 are all the sum of output3's weights of the channel
+    _library_p3_gradient(fpn, features, 1, 1, 1)
+    total = float(fpn.layer_blocks[1].weight.data[1].sum())
+    for name in ("M3", "M4", "M5"):
+        assert np.isclose(float(fpn.grads[name].sum()), total, rtol=1e-5), name
 
 
 def test_top_down_solution_gives_the_library_values():
@@ -264,4 +285,64 @@ def test_frozen_batch_norm_check_cell_passes_right_answers_and_fails_wrong_ones(
     for mistake, wrong in _wrong_frozen_batch_norms().items():
         with pytest.raises(AssertionError):
             exec(source(check), namespace(my_frozen_batch_norm=wrong))
+        assert "correct!" not in capsys.readouterr().out, f"the check cell passed {mistake}"
+
+
+def _p3_gradient(fpn, shapes, channel, y, x, flip=False, copies="sum", offset=1, top_down=True,
+                 to_c2=False):
+    """my_p3_gradient written the right way (the defaults) or with one typical mistake."""
+    w = fpn.layer_blocks[1].weight.data[channel]  # (d, 3, 3)
+    if flip:  # the kernel turned 180 degrees, as in a full correlation, though dout is one-hot
+        w = w[:, ::-1, ::-1]
+    _, _, h3, w3 = shapes[1]
+    d_m = np.zeros((1, w.shape[0], h3 + 2, w3 + 2), dtype=w.dtype)
+    d_m[0, :, y + 1 - offset:y + 4 - offset, x + 1 - offset:x + 4 - offset] = w
+    d_m3 = d_m = d_m[:, :, 1:-1, 1:-1]
+    grads = [None]
+    for i in (1, 2, 3):
+        if i > 1:
+            if not top_down:  # stops at C3: as if M3 fed nothing coarser
+                grads.append(None)
+                continue
+            _, _, h, w_ = shapes[i]
+            rows = np.eye(h, dtype=d_m.dtype)[F.nearest_source_index(h, d_m.shape[2], np)]
+            cols = np.eye(w_, dtype=d_m.dtype)[F.nearest_source_index(w_, d_m.shape[3], np)]
+            if copies == "mean":  # each cell averages its copies' gradients instead of summing them
+                rows, cols = rows / rows.sum(axis=0), cols / cols.sum(axis=0)
+            if copies == "first":  # each cell takes the gradient of one copy only
+                rows, cols = rows * (np.cumsum(rows, axis=0) == 1), cols * (np.cumsum(cols, axis=0) == 1)
+            d_m = rows.T @ d_m @ cols
+        lateral = fpn.inner_blocks[i].weight.data[:, :, 0, 0]
+        grads.append(np.einsum("dc,ndhw->nchw", lateral, d_m))
+    if to_c2:  # as if the gradient flowed down the top-down pathway: M3's gradient upsampled into M2
+        _, _, h2, w2 = shapes[0]
+        rows = np.eye(h3, dtype=d_m3.dtype)[F.nearest_source_index(h3, h2, np)]  # (H2, H3)
+        cols = np.eye(w3, dtype=d_m3.dtype)[F.nearest_source_index(w3, w2, np)]
+        d_m2 = rows @ d_m3 @ cols.T
+        grads[0] = np.einsum("dc,ndhw->nchw", fpn.inner_blocks[0].weight.data[:, :, 0, 0], d_m2)
+    return grads
+
+
+WRONG_P3_GRADIENTS = {
+    "flipped kernel": dict(flip=True),
+    "averaged copies": dict(copies="mean"),
+    "one copy only": dict(copies="first"),
+    "window one cell off": dict(offset=0),
+    "no top-down backward": dict(top_down=False),
+    "a gradient on C2": dict(to_c2=True),
+}
+
+
+def test_p3_gradient_check_cell_passes_right_answers_and_fails_wrong_ones(capsys):
+    _, solution, check = exercise_cells("09_roialign_and_two_stage.ipynb")["my_p3_gradient"]
+    solved = namespace(USE_SOLUTIONS=True)
+    exec(source(solution), solved)
+    for right in (solved["my_p3_gradient"], _p3_gradient):
+        exec(source(check), namespace(FPN=FPN, SEED=0, my_p3_gradient=right))
+        assert "correct!" in capsys.readouterr().out, right
+    for mistake, options in WRONG_P3_GRADIENTS.items():
+        def wrong(fpn, shapes, channel, y, x, options=options):
+            return _p3_gradient(fpn, shapes, channel, y, x, **options)
+        with pytest.raises(AssertionError):
+            exec(source(check), namespace(FPN=FPN, SEED=0, my_p3_gradient=wrong))
         assert "correct!" not in capsys.readouterr().out, f"the check cell passed {mistake}"
