@@ -14,3 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         threadpool_limits(limits=1)  # in case NumPy was imported before this file
     except ImportError:
         pass
+
+# `minifpn train` and `demo` default to one MPI rank per physical core where mpi4py is installed;
+# the tests run them in their own process unless a test asks for --workers itself.
+os.environ.setdefault("MINIFPN_WORKERS", "1")

@@ -266,9 +266,55 @@ def _validate_configs(args, error) -> None:
                      and m.group(0) not in _NOT_FLAGS else m.group(0), message))
 
 
+PARALLEL_JOBS = ("train", "demo", "ablation", "reference")  # the jobs that take --workers
+WORKERS_ENV = "MINIFPN_WORKERS"  # the default of --workers where it is set (the tests set 1)
+
+
+def _default_workers(args) -> int:
+    """--workers when not given: MINIFPN_WORKERS, else ``parallel.default_workers`` (said in one
+    line), at most the global batch; 1 for the two-stage detector."""
+    from . import parallel
+    if os.environ.get(WORKERS_ENV, "").isdigit():
+        return int(os.environ[WORKERS_ENV])
+    if getattr(args, "detector", "one_stage") != "one_stage":
+        return 1
+    chosen, line = parallel.default_workers()
+    chosen = min(chosen, args.batch_size)
+    print(line if chosen > 1 or "not installed" in line else "--workers 1: one process", file=sys.stderr)
+    return chosen
+
+
+def _validate_workers(args, error) -> None:
+    """--workers: the ranks mpiexec started, given, or ``_default_workers``; at least 1, at most
+    the global batch, more than 1 only with mpi4py and the one-stage detector."""
+    from . import parallel
+    if parallel.mpi_size_from_env() > 1:  # a rank (of --workers, or of a user's own mpiexec)
+        args.workers = parallel.mpi_size_from_env()
+        return
+    if args.workers is None and getattr(args, "jobs", 1) > 1:
+        chosen = 1  # reference --jobs N: the two settings in N processes of one rank each
+    else:
+        chosen = _default_workers(args) if args.workers is None else args.workers
+    if chosen > 1 and getattr(args, "jobs", 1) > 1:  # reference: processes or ranks, not both
+        error(f"--workers {chosen} and --jobs {args.jobs}: give one of them (--jobs 1 trains the two "
+              f"settings one after the other, each over the ranks)")
+    if chosen < 1:
+        error(f"--workers must be at least 1, got {chosen}")
+    if chosen > args.batch_size:
+        error(f"--workers {chosen} is more than the global batch (--batch-size {args.batch_size}): "
+              f"each worker needs at least one scene")
+    if chosen > 1 and not parallel.mpi_available():
+        error(f"--workers {chosen} needs mpi4py and mpich: pip install -e \".[parallel]\"")
+    if chosen > 1 and getattr(args, "detector", "one_stage") != "one_stage":
+        error("--workers above 1 trains the one-stage detector only; use --workers 1 with two_stage")
+    args.workers = chosen
+
+
 def _validate_options(args, error) -> None:
     """Options that must agree with each other, and a backend that must be installed; then the
     configurations' own checks (after the CLI's, which can name the options more precisely)."""
+    if args.job in PARALLEL_JOBS:
+        _validate_workers(args, error)
     given = {token.split("=", 1)[0] for token in getattr(args, "argv", [])}
     if getattr(args, "seeds", None) and "--seed" in given:
         error("--seed and --seeds: give one of them")
@@ -443,7 +489,8 @@ def _train_config(args):
     return TrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr,
                        warmup=args.warmup, milestones=tuple(args.milestones), seed=args.seed,
                        checkpoint_every=args.checkpoint_every,
-                       scenes={"distractors": args.distractors} if args.distractors else {})
+                       scenes={"distractors": args.distractors} if args.distractors else {},
+                       scale_jitter=getattr(args, "scale_jitter", None) or ())
 
 
 def _train_and_report(args, run_dir: str) -> dict:
@@ -458,7 +505,9 @@ def _train_and_report(args, run_dir: str) -> dict:
         progress=not args.quiet, time_limit=args.time_limit or None,
         allow_changes=getattr(args, "allow_changes", False))
     _print_summary(summary)
-    _write_figures(detector, history, detections, truths, run_dir, _train_config(args))
+    from .parallel import world
+    if world().rank == 0:  # one run, one set of outputs
+        _write_figures(detector, history, detections, truths, run_dir, _train_config(args))
     print(f"\nwrote {run_dir}/: metrics.json, checkpoint.npz, loss_curve.png, detections.png, pyramid.png")
     return summary
 
@@ -536,10 +585,16 @@ def cmd_evaluate(args) -> int:
     if args.detector is not None and detector_kind(detector) != args.detector:
         raise CheckpointError(f"checkpoint {args.checkpoint} holds a {detector_kind(detector)} "
                               f"detector, not the {args.detector} one --detector asks for")
+    try:
+        evaluated = _evaluated_pyramid(args, detector)
+    except ValueError as e:  # not setting (a): one line, exit 1
+        print(f"minifpn evaluate: --image-pyramid {re.sub(r'^image pyramid: ', '', str(e))}", file=sys.stderr)
+        return 1
     # the split of the run's own seed, drawn as its training scenes were (distractors included)
     trained = ckpt["meta"].get("train_config", {})
+    evaluated = _TimedPredict(evaluated)  # inference time alone: not drawing or scoring the scenes
     metrics, detections, truths = evaluate_detector(
-        detector, args.split, args.scenes, seed=trained.get("seed", 0),
+        evaluated, args.split, args.scenes, seed=trained.get("seed", 0),
         scene_config=SceneConfig(**trained.get("scenes", {})))
     scored = ""
     if args.class_agnostic:  # found, whatever digit it was called
@@ -547,12 +602,46 @@ def cmd_evaluate(args) -> int:
             ", class-agnostic"
     two_stage = " (two_stage)" if detector_kind(detector) == "two_stage" else ""
     source = args.checkpoint or f"reference {args.reference}"
+    scored += "" if args.image_pyramid is None else f", image pyramid at scales {_scales_text(args)}"
     print(f"{source}: setting {detector.config.setting}{two_stage}, trained "
           f"{ckpt['meta']['iteration']} iterations; {args.split} split, {args.scenes} scenes{scored}:")
     print(format_metrics(metrics))
+    print(f"time per image: {1000 * evaluated.seconds / args.scenes:.1f} ms ({_scales_text(args)})")
     if args.json:
         print(json.dumps(metrics))
     return 0
+
+
+def _evaluated_pyramid(args, detector):
+    """What evaluate scores: with --image-pyramid, the detector as a featurized image pyramid over
+    those scales (``ImagePyramid``; ValueError for a detector of another setting than (a) c4);
+    without it, the detector itself."""
+    if args.image_pyramid is None:
+        return detector
+    from .detection.image_pyramid import ImagePyramid
+    return ImagePyramid(detector, args.image_pyramid)
+
+
+class _TimedPredict:
+    """``detector`` (or an ``ImagePyramid``) whose ``predict`` calls add their wall time to
+    ``seconds``; ``config`` and ``backend`` are its own, so ``evaluate_detector`` reads it alike."""
+
+    def __init__(self, detector):
+        self.detector, self.seconds = detector, 0.0
+        self.config, self.backend = detector.config, detector.backend
+
+    def predict(self, images, *args, **kwargs) -> list:
+        start = time.perf_counter()
+        found = self.detector.predict(images, *args, **kwargs)  # host arrays: the device is done
+        self.seconds += time.perf_counter() - start
+        return found
+
+
+def _scales_text(args) -> str:
+    """--image-pyramid's scales as printed: "0.5, 1, 2"; without it, "single scale"."""
+    if args.image_pyramid is None:
+        return "single scale"
+    return ", ".join(f"{s:g}" for s in args.image_pyramid)
 
 
 REFERENCE = "reference"  # `minifpn probe reference`: the shipped pair, minifpn.weights
@@ -776,7 +865,15 @@ def _training_options(p, iterations, time_limit=0, name=None, milestones=None, b
     p.add_argument("--name", default=name, help="run name: outputs go to RUNS/NAME/"
                    + ("" if name is not None else " (default: the setting's name)"))
     _backend_option(p)
+    _workers_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _workers_option(p) -> None:
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="data-parallel training over N MPI ranks (synchronized SGD and batch norm; "
+                        "the same run as one process; pip install -e \".[parallel]\") (default: the "
+                        "physical cores where mpi4py is installed, else 1)")
 
 
 def _demo_job(job) -> None:
@@ -813,11 +910,27 @@ def _train_job(job) -> None:
     p.add_argument("--rois-per-image", type=positive_int, default=None,
                    help=f"with --detector two_stage: RoIs sampled per image for Fast R-CNN's loss "
                         f"(default: {TwoStageConfig.rois_per_image})")
+    p.add_argument("--scale-jitter", type=scales_list, default=None, metavar="SCALES",
+                   help="train at image scales drawn per step from these (e.g. 0.5,1,2): each batch "
+                        "resized by one of them, its boxes with it; the image pyramid's training-time "
+                        "twin (default: the scenes as they are)")
     p.add_argument("--resume", action="store_true", help="continue RUNS/NAME/checkpoint.npz")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: accept a different --lr, --batch-size, --iterations, --warmup "
                         "(schedule); the change is recorded in the checkpoint's history")
     p.set_defaults(run=cmd_train)
+
+
+def scales_list(text: str) -> tuple:
+    """--image-pyramid and --scale-jitter: image scales, finite numbers > 0 separated by commas."""
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"must be image scales > 0 separated by commas (e.g. 0.5,1,2), got {text!r}")
+    return values
 
 
 def _evaluate_job(job) -> None:
@@ -840,6 +953,11 @@ def _evaluate_job(job) -> None:
     p.add_argument("--class-agnostic", action="store_true",
                    help="score the boxes with every digit's label ignored: how well the detector "
                         "finds digits, apart from naming them")
+    p.add_argument("--image-pyramid", type=scales_list, default=None, metavar="SCALES",
+                   help="evaluate a featurized image pyramid (the paper's Figure 1(a)): run the detector "
+                        "on each scene resized by each scale (e.g. 0.5,1,2), map the boxes back and merge "
+                        "them by NMS; only for a checkpoint of setting (a) c4 (default: one scale, the "
+                        "scene as it is)")
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     p.set_defaults(run=cmd_evaluate)
 
@@ -886,6 +1004,7 @@ def _reference_job(job) -> None:
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="train the two settings in this many processes at once (same results)")
     _backbone_options(p)
+    _workers_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_reference, backend="numpy")
 
@@ -923,7 +1042,7 @@ def _gradcheck_job(job) -> None:
     p = job("gradcheck", help="gradient-check every op and layer and print a table",
             description="Check every hand-written backward pass (conv2d, max_pool2d, "
                         "upsample_nearest, batch_norm, relu, add, global_avg_pool2d, frozen_batch_norm, "
-                        "and the layers built on them) "
+                        "resize_bilinear, and the layers built on them) "
                         "against central-difference numerical gradients in float64, and print "
                         "one line per check: op, shape, max relative error, pass/fail. "
                         "Exits with status 1 if any check fails.")
@@ -973,11 +1092,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The command line. Among several MPI ranks each rank runs it (``parallel.run_rank``: a
+    rank that fails stops them all); with --workers N > 1 outside them, it starts N ranks."""
+    from . import parallel
+    if parallel.mpi_size_from_env() > 1:
+        return parallel.run_rank(_main, argv)
+    return _main(argv)
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
     validate(args, parser.jobs[args.job].error)  # every check before any work
+    from . import parallel
+    if getattr(args, "workers", 1) > 1 and parallel.mpi_size_from_env() == 1:
+        return parallel.launch(args.workers, argv)  # N ranks, each running this command
+    if parallel.world().rank > 0:  # rank 0 prints the run's words; the others keep quiet
+        sys.stdout = open(os.devnull, "w")
     from .backend import reuse_freed_memory
     from .train import CheckpointError, TrainingDiverged
     from .train import TrainingInterrupted as interrupted  # raised after the last step is checkpointed

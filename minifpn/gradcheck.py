@@ -199,6 +199,25 @@ def _pool_and_upsample_checks(randn, distinct):
     return results
 
 
+def _resize_checks(backend: str, seed: int):
+    """resize_bilinear, downscaling and upscaling, on inputs of its own random stream (so the
+    rows before and after it keep theirs)."""
+    from . import functional as F
+    rng = default_rng(seed + 13)
+    results = []
+    for (shape, size) in [((2, 3, 7, 5), (3, 11)), ((1, 2, 6, 6), (12, 12))]:
+        state = {}
+
+        def resize_forward(x, size=size):
+            out, state["cache"] = F.resize_bilinear(x, size)
+            return out
+
+        results.append(check("resize_bilinear", f"{shape} -> {size}", resize_forward,
+                             lambda d: {"x": F.resize_bilinear_backward(d, state["cache"])},
+                             {"x": to_device(rng.standard_normal(shape), backend)}, seed=seed))
+    return results
+
+
 def _norm_and_elementwise_checks(randn, distinct, uniform):
     from . import functional as F
     results = []
@@ -317,4 +336,4 @@ def standard_checks(backend: str = "numpy", seed: int = 0) -> list[CheckResult]:
     return (_conv_checks(randn) + _pool_and_upsample_checks(randn, distinct)
             + _norm_and_elementwise_checks(randn, distinct, uniform)
             + _layer_checks(randn, distinct, rng, backend, seed)
-            + _fine_tuning_checks(randn, uniform, backend, seed))
+            + _resize_checks(backend, seed) + _fine_tuning_checks(randn, uniform, backend, seed))

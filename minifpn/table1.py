@@ -25,6 +25,7 @@ import statistics
 
 from .models.detector import Detector
 from .models.settings import CHOICES, LETTERS, SETTINGS, Setting, resolve
+from .parallel import world
 from .train import train_and_evaluate
 
 # The settings themselves live with the models that build them (minifpn.models.settings).
@@ -87,14 +88,14 @@ def run_ablation(settings, detector_config, train_config, out_dir: str, eval_sce
         summaries.append(summary)
         if report is not None:
             report(summary)
-    table = markdown_table(summaries)
-    with open(os.path.join(out_dir, "table1.json"), "w") as f:
-        json.dump(summaries, f, indent=2)
-    out = os.path.join(out_dir, "table1.md")
-    with open(out, "w") as f:
-        f.write(f"Table 1 at this scale: {train_config.iterations} iterations of batch "
-                f"{train_config.batch_size} each, test split ({eval_scenes} scenes). Numbers in %.\n\n"
-                f"{table}\n")
+    table, out = markdown_table(summaries), os.path.join(out_dir, "table1.md")
+    if world().rank == 0:  # with --workers, every rank trained the same rows; rank 0 writes them
+        with open(os.path.join(out_dir, "table1.json"), "w") as f:
+            json.dump(summaries, f, indent=2)
+        with open(out, "w") as f:
+            f.write(f"Table 1 at this scale: {train_config.iterations} iterations of batch "
+                    f"{train_config.batch_size} each, test split ({eval_scenes} scenes). Numbers in %.\n\n"
+                    f"{table}\n")
     log("\n" + table + f"\n\nwrote {out}")
     return summaries
 
@@ -202,11 +203,12 @@ def write_over_seeds(runs: dict, out_dir: str, scenes: dict, name: str = "table1
     ``runs``: {seed: summaries}; ``scenes``: the SceneConfig overrides they were trained and
     tested on ({} for the default scenes)."""
     table, seeds = aggregate(runs), list(runs)
-    first = next(iter(runs.values()))[0]
+    first, out = next(iter(runs.values()))[0], os.path.join(out_dir, f"{name}.md")
+    if world().rank > 0:  # with --workers, rank 0 writes the one set of outputs
+        return out
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump({"seeds": seeds, "scenes": scenes, "table": table,
                    "runs": {str(seed): summaries for seed, summaries in runs.items()}}, f, indent=2)
-    out = os.path.join(out_dir, f"{name}.md")
     with open(out, "w") as f:
         f.write(f"Table 1 over seeds {', '.join(map(str, seeds))}: {first['iterations']} iterations "
                 f"({first['images_seen']} images) each, scenes {scenes or 'default'}, test split of each "

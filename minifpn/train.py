@@ -29,11 +29,13 @@ from .checkpoint import (  # noqa: F401  (named here too: minifpn.train has alwa
     load_checkpoint,
     save_checkpoint,
 )
-from .data import DigitScenes, SceneConfig
+from .data import DigitScenes, SceneConfig, scale_jitter
 from .detection.metrics import evaluate, without_labels
 from .functional.checks import integer, is_real
 from .models.detector import Detector
 from .optim import SGD, learning_rate
+from .parallel import checksum, synchronize_batch_norm, world
+from .parallel import split as part_of
 
 # The linear scaling rule (Goyal et al. 2017, as Detectron): the peak learning rate is BASE_LR per
 # BASE_BATCH images, so lr = BASE_LR * batch_size / BASE_BATCH. 0.05 was tuned at batch 8.
@@ -80,9 +82,11 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     scenes: dict = field(default_factory=dict)  # SceneConfig overrides, e.g. {"max_objects": 4}
+    scale_jitter: tuple = ()  # image scales, one drawn per step (e.g. (0.5, 1, 2)); () for none
 
     def __post_init__(self):
         where = "TrainConfig"
+        self.scale_jitter = _check_scale_jitter(self.scale_jitter, where)
         for name, minimum in (("iterations", 1), ("batch_size", 1), ("warmup", 0), ("checkpoint_every", 1),
                               ("seed", 0)):
             setattr(self, name, integer(getattr(self, name), name, where, minimum))
@@ -104,6 +108,13 @@ class TrainConfig:
         except (TypeError, ValueError) as e:  # an unknown field, or a bad value
             raise ValueError(f"{where}: scenes {self.scenes!r} are not a SceneConfig: {e}") from None
 
+    def jitter_scale(self, rng) -> float | None:
+        """The step's scale of ``scale_jitter``, drawn from ``rng`` (the run's, saved in every
+        checkpoint, so a resume draws what the run would have); None, with no draw, without it."""
+        if not self.scale_jitter:  # no draw: the run's random stream is that of a run without jitter
+            return None
+        return self.scale_jitter[int(rng.integers(len(self.scale_jitter)))]
+
     def peak_lr(self) -> float:
         """The learning rate after warm-up: ``lr``, or BASE_LR * batch_size / BASE_BATCH."""
         return self.lr if self.lr is not None else BASE_LR * self.batch_size / BASE_BATCH
@@ -115,7 +126,8 @@ class TrainConfig:
         """What a resume must not change silently, by command-line flag: {"--lr": 0.05, ...}."""
         return {"--lr": self.peak_lr(), "--batch-size": self.batch_size,
                 "--iterations": self.iterations, "--warmup": self.warmup,
-                "--milestones": [float(m) for m in self.milestones]}
+                "--milestones": [float(m) for m in self.milestones],
+                "--scale-jitter": list(self.scale_jitter)}
 
     @classmethod
     def from_dict(cls, stored: dict) -> TrainConfig:
@@ -133,6 +145,15 @@ def check_pretraining_split(detector, config: TrainConfig) -> None:
         raise ValueError(f"the detector's backbone was pre-trained on the train digits of seed "
                          f"{c.seed}, but training draws the scenes of seed {config.seed}, whose test "
                          f"digits that backbone may have seen; use the same seed for both")
+
+
+def _check_scale_jitter(scales, where: str) -> tuple:
+    """TrainConfig's scale_jitter as a tuple of floats: () or finite numbers > 0."""
+    scales = tuple(scales) if isinstance(scales, (list, tuple)) else scales
+    if not isinstance(scales, tuple) or not all(is_real(s) and s > 0 for s in scales):
+        raise ValueError(f"{where}: scale_jitter must be image scales > 0 (e.g. (0.5, 1, 2)), or () "
+                         f"for none, got {scales!r}")
+    return tuple(float(s) for s in scales)
 
 
 def schedule_changes(stored: dict, config: TrainConfig) -> dict:
@@ -170,7 +191,7 @@ def _fmt(v) -> str:
 
 def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = False,
           progress: bool = True, time_limit: float | None = None, log=print,
-          allow_changes: bool = False, after_checkpoint=None) -> dict:
+          allow_changes: bool = False, after_checkpoint=None, comm=None) -> dict:
     """Train ``detector`` for ``config.iterations`` steps, checkpointing into ``run_dir``.
 
     With ``resume``, continue from ``run_dir/checkpoint.npz``: weights, momentum, RNG state and
@@ -186,15 +207,22 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
     detector adds rpn_cls, rpn_box, rcnn_cls and rcnn_box, and its cls and box sum both stages).
     ``after_checkpoint(iteration, path)``, if given, is called after every checkpoint written during
     the run (every ``checkpoint_every`` steps and the last), e.g. to keep a copy for a learning curve.
+
+    Data-parallel: ``comm`` (default ``minifpn.parallel.world()``: the MPI ranks this process is
+    one of, else one process) splits each step's global batch over the ranks, sums their gradients
+    in one all-reduce and synchronizes batch norm, so the run is the one-process run (same loss
+    history, same weights up to float summation order). Rank 0 alone writes the checkpoint and
+    shows progress; the weights are checked to be identical on every rank at each checkpoint.
     """
     check_pretraining_split(detector, config)  # before a folder is made
-    run = _Run(detector, config, run_dir, log)
+    comm = comm or world()
+    run = _Run(detector, config, run_dir, log if comm.rank == 0 else _silent, comm)
     if resume:
         run.resume(allow_changes)
     else:
         run.saved = run.checkpoint(0)
     run.norm = weight_norms(detector)[0]
-    bar = _progress_bar(detector, config, run.done) if progress else None
+    bar = _progress_bar(detector, config, run.done) if progress and comm.rank == 0 else None
     began = time.perf_counter()
     try:
         for iteration in range(run.done, config.iterations):
@@ -207,7 +235,7 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
                 run.saved = run.checkpoint(run.done)
                 if after_checkpoint is not None:
                     after_checkpoint(run.done, run.path)
-            if time_limit is not None and time.perf_counter() - began > time_limit:
+            if time_limit is not None and comm.bcast(time.perf_counter() - began > time_limit):
                 if run.saved != run.done:
                     run.saved = run.checkpoint(run.done)
                 log(f"time limit of {time_limit:.0f} s reached after {run.done} iterations")
@@ -218,6 +246,10 @@ def train(detector: Detector, config: TrainConfig, run_dir: str, resume: bool = 
         if bar is not None:
             bar.close()
     return run.history
+
+
+def _silent(*_):
+    """The log of a rank other than 0: rank 0 speaks for the run."""
 
 
 def _progress_bar(detector, config, start):
@@ -232,10 +264,15 @@ class _Run:
     history, and the bookkeeping that keeps the checkpoint on disk the last step that passed the
     checks (``saved``), while ``done`` steps are complete in memory."""
 
-    def __init__(self, detector: Detector, config: TrainConfig, run_dir: str, log):
+    def __init__(self, detector: Detector, config: TrainConfig, run_dir: str, log, comm):
+        self.comm = comm
+        if comm.size > 1:
+            check_data_parallel(detector, config, comm.size)
+            synchronize_batch_norm(detector, comm)  # the same arrays: the checkpoint is unchanged
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "checkpoint.npz")
-        if os.path.exists(f"{self.path}.tmp"):  # a write killed before its rename: the .npz is whole
+        # a write killed before its rename: the .npz is whole
+        if comm.rank == 0 and os.path.exists(f"{self.path}.tmp"):
             os.remove(f"{self.path}.tmp")
             log(f"removed {self.path}.tmp, left by a checkpoint write that was killed; "
                 f"{self.path} was not touched")
@@ -285,6 +322,15 @@ class _Run:
         self._remember_step()
 
     def checkpoint(self, iteration: int) -> int:
+        """Check that every rank holds the same weights, then save (rank 0) step ``iteration``."""
+        if self.comm.size > 1:
+            check_same_weights(self.detector, self.optimizer, self.comm, iteration)
+        return self._save(iteration)
+
+    def _save(self, iteration: int) -> int:
+        """Rank 0 writes the checkpoint of step ``iteration`` (atomically); returns ``iteration``."""
+        if self.comm.rank != 0:
+            return iteration
         save_checkpoint(self.path, self.detector, self.optimizer, {
             "detector": detector_kind(self.detector),
             "detector_config": self.detector.config.to_dict(), "train_config": asdict(self.config),
@@ -300,12 +346,15 @@ class _Run:
         self.optimizer.lr = lr
         first, batch = self.images_seen, self.config.batch_size
         images, boxes, labels = self.scenes.batch(range(first, first + batch))
+        scale = self.config.jitter_scale(self.rng)
+        if scale is not None:  # the batch at one of the image pyramid's scales, boxes with it
+            images, boxes = scale_jitter(images, boxes, scale)
         tick = time.perf_counter()
-        loss, parts = self.detector.loss(to_device(images, self.detector.backend), boxes, labels,
-                                         self.rng)
+        loss, parts = self._loss(images, boxes, labels)
         self._check_loss(loss, iteration, lr)
         self.optimizer.zero_grad()
         self.detector.backward()
+        self.comm.allreduce_(self.optimizer.grad)  # the step's one gradient all-reduce (flat)
         self.updating = True
         self.optimizer.step()
         self.updating = False
@@ -318,6 +367,19 @@ class _Run:
         self.images_seen = first + batch
         self.done = iteration + 1  # the step is complete: from here on a Ctrl-C keeps it
         self._remember_step()
+
+    def _loss(self, images, boxes, labels):
+        """The global batch's (loss, parts): with several ranks, this rank's forward on its part
+        of the images, the targets of the whole batch, and the parts summed over the ranks."""
+        backend = self.detector.backend
+        if self.comm.size == 1:
+            return self.detector.loss(to_device(images, backend), boxes, labels, self.rng)
+        start, stop = part_of(len(images), self.comm.size, self.comm.rank)
+        _, parts = self.detector.loss(to_device(images[start:stop], backend), boxes, labels, self.rng,
+                                      shard=(start, stop))
+        summed = self.comm.allreduce_(np.array(list(parts.values()), np.float64))
+        parts = {key: float(v) for key, v in zip(parts, summed)}
+        return sum(parts.values()), parts
 
     def _check_loss(self, loss: float, iteration: int, lr: float) -> None:
         if not math.isfinite(loss):
@@ -359,8 +421,33 @@ class _Run:
             self.images_seen = self.history["images_seen"][-1] if self.history["images_seen"] else 0
             self.rng.bit_generator.state = self.rng_state
             self.detector.load_state_dict(_restore(self.stats), strict=False)
-            self.saved = self.checkpoint(self.done)
+            self.saved = self._save(self.done)  # rank 0 alone: a Ctrl-C reaches rank 0 only
         return self.saved
+
+
+def check_data_parallel(detector, config: TrainConfig, size: int) -> None:
+    """What data-parallel training over ``size`` ranks needs: a one-stage detector (the two-stage
+    one samples RoIs per image: not split yet) and at least one scene per rank."""
+    if detector_kind(detector) != "one_stage":
+        raise ValueError(f"data-parallel training supports the one-stage detector, got "
+                         f"{detector_kind(detector)}; run it with --workers 1")
+    if config.batch_size < size:
+        raise ValueError(f"{size} ranks need a global batch of at least {size} scenes, got "
+                         f"batch_size {config.batch_size}")
+
+
+def check_same_weights(detector, optimizer, comm, iteration: int) -> None:
+    """Raise TrainingDiverged on every rank unless every rank holds bit-identical parameters,
+    buffers and momentum (a CRC-32 of each rank's arrays, compared by an all-gather)."""
+    arrays = [optimizer.data, *(b for _, b in detector.named_buffers())]
+    if optimizer.velocity is not None:
+        arrays.append(optimizer.velocity)
+    sums = comm.allgather(checksum(arrays))
+    if len(set(sums)) > 1:
+        differ = [r for r, c in enumerate(sums) if c != sums[0]]
+        raise TrainingDiverged(f"data-parallel training: at step {iteration} the weights of rank(s) "
+                               f"{differ} differ from rank 0's; the ranks no longer train one model "
+                               f"(nothing was written at this step)")
 
 
 def _snapshot(arrays: dict):
@@ -387,16 +474,22 @@ def _restore(snapshot) -> dict:
 
 
 def evaluate_detector(detector: Detector, split: str = "test", n: int = 300, batch_size: int = 16,
-                      seed: int = 0, scene_config: SceneConfig | None = None):
+                      seed: int = 0, scene_config: SceneConfig | None = None, comm=None):
     """COCO-style metrics of ``detector`` on ``n`` scenes of ``split``; returns
-    (metrics, detections, ground truths)."""
+    (metrics, detections, ground truths). With several ranks (``comm``, default
+    ``minifpn.parallel.world()``), each predicts its contiguous part of the scenes and every rank
+    gathers all of them, in order, so every rank returns the one-process result."""
+    comm = comm or world()
+    first, stop = part_of(n, comm.size, comm.rank)
     scenes = DigitScenes(split, n=n, seed=seed, config=scene_config)
     detections, truths = [], []
     backend = detector.backend
-    for start in range(0, n, batch_size):
-        images, boxes, labels = scenes.batch(range(start, min(n, start + batch_size)))
+    for start in range(first, stop, batch_size):
+        images, boxes, labels = scenes.batch(range(start, min(stop, start + batch_size)))
         detections += detector.predict(to_device(images, backend))
         truths += [{"boxes": b, "labels": lab} for b, lab in zip(boxes, labels)]
+    if comm.size > 1:
+        detections, truths = ([x for part in comm.allgather(xs) for x in part] for xs in (detections, truths))
     if detector.config.num_classes == 1:  # an RPN: proposals are scored as "object" alone
         truths = without_labels(truths)
     metrics = evaluate(detections, truths, detector.config.num_classes)
@@ -438,8 +531,9 @@ def train_and_evaluate(detector: Detector, config: TrainConfig, run_dir: str, ev
                "train_seconds": round(train_seconds, 1),
                "total_seconds": round(time.perf_counter() - start, 1),
                "test_scenes": eval_scenes, "detector_config": detector.config.to_dict()}
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if world().rank == 0:  # one run, one set of outputs
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary, history, detections, truths
 
 

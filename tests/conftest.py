@@ -48,3 +48,20 @@ def rng():
 def make(backend):
     """make(array) puts a host array on the test's backend."""
     return lambda a: to_device(a, backend)
+
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(params=DTYPES, ids=["float32", "float64"])
+def dtype(request):
+    """Each test that takes ``dtype`` runs in float32 and in float64."""
+    return request.param
+
+
+@pytest.fixture
+def th():
+    """tests/torch_helpers (tensor, assert_matches, torch), imported only by the tests that ask for
+    it, so that without torch only the parity tests skip, with its reason."""
+    import torch_helpers
+    return torch_helpers

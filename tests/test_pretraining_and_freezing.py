@@ -55,18 +55,6 @@ PARTS = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")  # stem (
 DEFAULT_FIELDS = DetectorConfig().backbone_fields()  # the shipped backbones' architecture
 
 
-@pytest.fixture(params=DTYPES, ids=["float32", "float64"])
-def dtype(request):
-    return request.param
-
-
-@pytest.fixture
-def th():
-    """tests/torch_helpers, imported here so that only the parity tests skip without torch."""
-    import torch_helpers
-    return torch_helpers
-
-
 def frozen_prefixes(freeze_at):
     """The state-dict prefixes of the parts ``freeze_at`` freezes (detectron2's FREEZE_AT)."""
     return PARTS[:freeze_at + 1] if freeze_at else ()

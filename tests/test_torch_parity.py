@@ -12,11 +12,6 @@ TF = torch.nn.functional
 DTYPES = [np.float32, np.float64]
 
 
-@pytest.fixture(params=DTYPES, ids=["float32", "float64"])
-def dtype(request):
-    return request.param
-
-
 def draw(rng, shape, dtype):
     return rng.standard_normal(shape).astype(dtype)
 

@@ -31,6 +31,14 @@ class Targets:
     box_index: np.ndarray
     box_target: np.ndarray
 
+    def rows(self, start: int, stop: int, T: int) -> Targets:
+        """The targets of images start..stop-1 of the batch, indexed as a batch of their own
+        (rows n * T + a with n counted from ``start``): a rank's part of the global batch."""
+        keep_cls = (self.cls_index >= start * T) & (self.cls_index < stop * T)
+        keep_box = (self.box_index >= start * T) & (self.box_index < stop * T)
+        return Targets(self.cls_index[keep_cls] - start * T, self.cls_target[keep_cls],
+                       self.box_index[keep_box] - start * T, self.box_target[keep_box])
+
 
 def image_targets(anchors, gt_boxes, gt_labels, rng, positive_iou, negative_iou, anchors_per_image,
                   positive_fraction):

@@ -109,3 +109,62 @@ def frozen_batch_norm_backward(dout, cache):
     dout: (N, C, H, W) -> dx = dout * scale (per channel), (N, C, H, W)."""
     scale = cache
     return dout * scale.reshape(1, -1, 1, 1)
+
+
+def sync_batch_norm(x, gamma, beta, running_mean, running_var, comm, momentum: float = 0.1,
+                    eps: float = 1e-5):
+    """Training-mode ``batch_norm`` over the union of every rank's batch (synchronized BN).
+
+    x: (N_r, C, H, W), this rank's part of the global batch; gamma, beta, running_mean,
+    running_var: (C,), the same on every rank. ``comm`` has ``allreduce_(a)``: a summed over the
+    ranks in place (``minifpn.parallel``). ONE all-reduce of a (2C + 1,) buffer: the per-channel
+    sums of d = x - k and of d * d, and the count M_r = N_r * H * W, with k = running_mean (the
+    same on every rank; subtracting it keeps sum(d*d)/M - mean(d)^2 from cancelling), so
+        M = sum_r M_r,  mean = k + sum(d) / M,  var = sum(d*d) / M - (sum(d) / M)^2
+    are the global batch's (docs/derivations.md). Returns y: (N_r, C, H, W) and a cache for
+    ``sync_batch_norm_backward``. The running averages move as ``batch_norm``'s, by the global
+    statistics, so they stay the same on every rank."""
+    C = _check_inputs("sync_batch_norm", x, gamma, beta, running_mean, running_var)
+    xp = get_array_module(x)
+    shift = running_mean.reshape(1, C, 1, 1)
+    d = x - shift
+    count = xp.full((1,), x.shape[0] * x.shape[2] * x.shape[3], dtype=x.dtype)
+    stats = xp.concatenate([d.sum(axis=(0, 2, 3)), (d * d).sum(axis=(0, 2, 3)), count])
+    comm.allreduce_(stats)  # the forward's one communication
+    M = float(stats[2 * C])  # the global count (exact: an integer far below 2^24)
+    if M < 2:
+        raise ValueError(f"sync_batch_norm: training needs more than one value per channel over "
+                         f"the ranks, got {M:g}")
+    mean_d = stats[:C] / M
+    var = xp.maximum(stats[C:2 * C] / M - mean_d * mean_d, 0)
+    mean = running_mean + mean_d
+    running_mean *= 1 - momentum
+    running_mean += momentum * mean
+    running_var *= 1 - momentum
+    running_var += (momentum * M / (M - 1)) * var
+    inv_std = 1 / xp.sqrt(var + eps)
+    x_hat = (d - mean_d.reshape(1, C, 1, 1)) * inv_std.reshape(1, C, 1, 1)
+    y = x_hat * gamma.reshape(1, C, 1, 1)
+    y += beta.reshape(1, C, 1, 1)
+    return y, (x_hat, inv_std, gamma, M, comm)
+
+
+def sync_batch_norm_backward(dout, cache):
+    """Gradients of ``sync_batch_norm`` on this rank.
+
+    dout: (N_r, C, H, W) -> dx: (N_r, C, H, W), dgamma: (C,), dbeta: (C,). dx needs the GLOBAL
+        dbeta = sum(dout),  dgamma = sum(dout * x_hat)   over every rank's (N, H, W),
+        dx = gamma * inv_std * (dout - dbeta / M - x_hat * dgamma / M)
+    (``batch_norm_backward`` with the sums taken over the global batch): ONE all-reduce of the
+    (2C,) pair. The returned dgamma and dbeta are this rank's OWN sums, so that the data-parallel
+    all-reduce of every parameter's gradient adds them into the global ones exactly once."""
+    x_hat, inv_std, gamma, M, comm = cache
+    xp = get_array_module(dout)
+    C = dout.shape[1]
+    dbeta = dout.sum(axis=(0, 2, 3))
+    dgamma = (dout * x_hat).sum(axis=(0, 2, 3))
+    sums = xp.concatenate([dbeta, dgamma])
+    comm.allreduce_(sums)  # the backward's one communication
+    dx = (dout - (sums[:C] / M).reshape(1, C, 1, 1)) - x_hat * (sums[C:] / M).reshape(1, C, 1, 1)
+    dx *= (gamma * inv_std).reshape(1, C, 1, 1)
+    return dx, dgamma, dbeta

@@ -91,12 +91,20 @@ class Detector(Module):
         return self._anchor_cache[key]
 
     # ---- training -------------------------------------------------------------------------
-    def loss(self, images, boxes, labels, rng=None):
+    def loss(self, images, boxes, labels, rng=None, shard=None):
         """Loss on a batch: images (N, C, H, W); boxes: list of (K_n, 4) (x1, y1, x2, y2);
         labels: list of (K_n,) ints in [0, num_classes). ``check_batch``, ``forward``, then
-        ``loss_of``. Returns (loss, parts) as host floats."""
-        boxes, labels = self.check_batch(images, boxes, labels)
-        return self.loss_of(self.forward(images), boxes, labels, rng)
+        ``loss_of``. Returns (loss, parts) as host floats. With ``shard`` = (start, stop), the
+        images are rows start..stop-1 of a global batch whose boxes and labels (all of them)
+        are given: data-parallel training (``loss_of``)."""
+        if shard is None:
+            boxes, labels = self.check_batch(images, boxes, labels)
+            return self.loss_of(self.forward(images), boxes, labels, rng)
+        start, stop = shard
+        boxes, labels = list(boxes), list(labels)
+        boxes[start:stop], labels[start:stop] = self.check_batch(images, boxes[start:stop],
+                                                                 labels[start:stop])
+        return self.loss_of(self.forward(images), boxes, labels, rng, shard)
 
     def check_batch(self, images, boxes, labels, num_classes=None):
         """``inputs.check_batch`` for this detector: host (boxes, labels), checked; labels in
@@ -105,22 +113,30 @@ class Detector(Module):
                            num_classes or self.config.num_classes, any_label=num_classes is None
                            and self.config.num_classes == 1)
 
-    def loss_of(self, out: DetectorOutput, boxes, labels, rng=None):
+    def loss_of(self, out: DetectorOutput, boxes, labels, rng=None, shard=None):
         """The loss of the forward ``out`` on its batch's checked host targets. Anchors are
         labelled (IoU >= config.positive_iou or the best anchor of a box: object; <
         config.negative_iou: background), config.anchors_per_image are sampled per image with
         at most config.positive_fraction positive, and
             loss = sum CE(sampled) / n + sum SmoothL1(positive deltas) / n,
         n = the number of sampled anchors (or of positives, with normalize_by="positives").
-        Reads the loss and ``out``'s checks in one device read; returns (loss, parts)."""
+        Reads the loss and ``out``'s checks in one device read; returns (loss, parts).
+
+        ``shard`` = (start, stop): ``out`` is the forward of images start..stop-1 of a global
+        batch whose boxes and labels are given whole. The targets are drawn for the whole batch
+        (the same random draws as one process), n counts the whole batch's samples, and the loss
+        is this part's share: the ranks' shares sum to the one-process loss."""
         c, rng = self.config, default_rng() if rng is None else rng
-        targets = batch_targets(np.concatenate(out.anchors), boxes, labels, rng, c.positive_iou,
+        anchors = np.concatenate(out.anchors)
+        targets = batch_targets(anchors, boxes, labels, rng, c.positive_iou,
                                 c.negative_iou, c.anchors_per_image, c.positive_fraction)
+        normalizer = max(len(targets.box_index if c.normalize_by == "positives" else targets.cls_index), 1)
+        if shard is not None:
+            targets = targets.rows(*shard, len(anchors))
         backend = backend_name(out.logits)
         cls_index, cls_target, box_index = (to_device(a, backend) for a in (
             targets.cls_index, targets.cls_target, targets.box_index))
         box_target = to_device(targets.box_target.astype(out.logits.dtype), backend)
-        normalizer = max(len(targets.box_index if c.normalize_by == "positives" else targets.cls_index), 1)
         loss_cls, cls_cache = F.softmax_cross_entropy(
             out.logits.reshape(-1, c.num_classes + 1)[cls_index], cls_target, normalizer)
         loss_box, box_cache = F.smooth_l1(out.deltas.reshape(-1, 4)[box_index], box_target,

@@ -128,6 +128,52 @@ class BatchNorm2d(Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
 
+class SyncBatchNorm2d(BatchNorm2d):
+    """``BatchNorm2d`` whose training-mode statistics are those of the global batch, the union of
+    every rank's part (``F.sync_batch_norm``: one all-reduce in the forward, one in the
+    backward). x: (N_r, num_features, H, W) -> same shape. ``comm``: the ranks'
+    communicator (``minifpn.parallel``); with one rank, or in eval mode, it is ``BatchNorm2d``.
+    Same parameters, buffers and state-dict keys as ``BatchNorm2d``: ``from_batch_norm`` makes one
+    that shares a ``BatchNorm2d``'s arrays, so checkpoints do not depend on the number of ranks.
+    The parameter gradients it adds are this rank's own; the data-parallel all-reduce sums them."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=DEFAULT_DTYPE, comm=None):
+        super().__init__(num_features, eps, momentum, dtype)
+        self.comm = comm
+
+    @classmethod
+    def from_batch_norm(cls, bn: BatchNorm2d, comm) -> SyncBatchNorm2d:
+        """A SyncBatchNorm2d holding ``bn``'s own Parameters and buffers (not copies)."""
+        sync = cls.__new__(cls)
+        vars(sync).update(vars(bn))
+        sync.comm = comm
+        return sync
+
+    def _synchronized(self) -> bool:
+        return self.training and self.comm is not None and self.comm.size > 1
+
+    def forward(self, x):
+        if not self._synchronized():
+            return super().forward(x)
+        out, self.cache = F.sync_batch_norm(x, self.weight.data, self.bias.data, self.running_mean,
+                                            self.running_var, self.comm, self.momentum, self.eps)
+        self.num_batches_tracked = self.num_batches_tracked + 1
+        return out
+
+    def backward(self, dout):
+        cache = self._need_cache(self.cache)
+        if len(cache) == 4:  # the forward was plain batch norm (eval mode, or one rank)
+            return super().backward(dout)
+        dx, dgamma, dbeta = F.sync_batch_norm_backward(dout, cache)
+        self.weight.grad += dgamma
+        self.bias.grad += dbeta
+        return dx
+
+    def extra_repr(self):
+        size = self.comm.size if self.comm is not None else 1
+        return f"{super().extra_repr()}, ranks={size}"
+
+
 class FrozenBatchNorm2d(Module):
     """Batch norm with its statistics and affine fixed: y = x * scale + shift per channel, with
     scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale.

@@ -29,6 +29,8 @@ from dataclasses import asdict
 
 import numpy as np
 
+from ..parallel import world
+
 NAMES = ("fpn", "bottom_up")  # Table 1's (c) and (d): with and without the top-down pathway
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 INFO_FILE = "reference.json"
@@ -84,6 +86,8 @@ def make_reference(seed: int = 0, iterations: int = 1600, batch_size: int = 8,
     freeze_at and norm (default: from scratch). Returns the dict written to reference.json."""
     from ..train import TrainConfig
 
+    if jobs > 1 and world().size > 1:
+        raise ValueError(f"make_reference: jobs={jobs} with {world().size} MPI ranks; use one of the two")
     os.makedirs(folder, exist_ok=True)  # before training: a folder that cannot be made fails now
     train_config = TrainConfig(iterations=iterations, batch_size=batch_size, seed=seed)
     info = {"seed": seed, "command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -105,8 +109,9 @@ def make_reference(seed: int = 0, iterations: int = 1600, batch_size: int = 8,
         log(f"{name}: AP {m['AP']:.4f}, AP50 {m['AP50']:.4f}, AR_small {m['AR_small']:.4f} on "
             f"{eval_scenes} test scenes; trained in {entry['train_seconds']:.0f} s")
     info["wall_seconds"] = round(time.perf_counter() - start, 1)
-    with open(os.path.join(folder, INFO_FILE), "w") as f:
-        json.dump(info, f, indent=2)
+    if world().rank == 0:  # with --workers, rank 0 writes the one set of outputs
+        with open(os.path.join(folder, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=2)
     return info
 
 
@@ -119,7 +124,8 @@ def _train_one(name, seed, train_config, run_dir, eval_scenes, folder, progress,
     summary, *_ = train_and_evaluate(detector, train_config, run_dir, eval_scenes, progress=progress)
     detector.eval()
     quick, _, _ = evaluate_detector(detector, "test", min(QUICK_SCENES, eval_scenes))
-    save_weights(detector, os.path.join(folder, f"{name}.npz"))
+    if world().rank == 0:
+        save_weights(detector, os.path.join(folder, f"{name}.npz"))
     return {"detector_config": detector.config.to_dict(), "metrics": summary["metrics"],
             "quick_metrics": quick, "train_seconds": summary["train_seconds"],
             "total_seconds": summary["total_seconds"]}
