@@ -1111,6 +1111,8 @@ def _main(argv=None) -> int:
         return parallel.launch(args.workers, argv)  # N ranks, each running this command
     if parallel.world().rank > 0:  # rank 0 prints the run's words; the others keep quiet
         sys.stdout = open(os.devnull, "w")
+    if getattr(args, "backend", "numpy") == "cupy" and parallel.world().size > 1:
+        parallel.use_device_of_rank(parallel.world())  # one GPU per rank, before the model is made
     from .backend import reuse_freed_memory
     from .train import CheckpointError, TrainingDiverged
     from .train import TrainingInterrupted as interrupted  # raised after the last step is checkpointed

@@ -31,6 +31,7 @@ RANK_ENV = "MINIFPN_RANK_OF"  # set by ``launch``: a rank never launches again
 PID_DIR_ENV = "MINIFPN_RANK_PIDS"  # where each rank writes its pid, to name a lost rank
 ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 MPI_SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")  # MPICH, Open MPI, Intel
+LOCAL_RANK_ENV = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")  # a rank's index on its host
 
 
 class SingleProcess:
@@ -166,6 +167,25 @@ def world():
             with open(os.path.join(os.environ[PID_DIR_ENV], f"{os.getpid()}.rank"), "w") as f:
                 f.write(str(_WORLD.rank))
     return _WORLD
+
+
+def local_rank(comm) -> int:
+    """This rank's index among the ranks of its host (MPICH's or Open MPI's variable), else its
+    rank in the world (one host)."""
+    for name in LOCAL_RANK_ENV:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return comm.rank
+
+
+def use_device_of_rank(comm) -> int:
+    """One GPU per rank, on the CuPy backend: rank r of a host uses device r % (GPUs on the host)
+    from here on (``cupy.cuda.Device(n).use()``), before any array is made. Returns n."""
+    from .backend import get_backend
+    cp = get_backend("cupy")
+    device = local_rank(comm) % cp.cuda.runtime.getDeviceCount()
+    cp.cuda.Device(device).use()
+    return device
 
 
 def mpi_available() -> bool:

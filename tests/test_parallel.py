@@ -324,3 +324,20 @@ def test_reference_refuses_workers_and_jobs_together(tmp_path, capsys):
         main(["reference", "--workers", "2", "--jobs", "2", "--out", str(tmp_path)])
     assert e.value.code != 0
     assert "give one of them" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_each_rank_of_a_host_takes_its_own_gpu(stand_in, monkeypatch):
+    monkeypatch.setattr(stand_in.cuda.runtime, "getDeviceCount", lambda: 4)
+    monkeypatch.delenv("MPI_LOCALRANKID", raising=False)
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_RANK", raising=False)
+
+    class Rank:
+        def __init__(self, rank):
+            self.rank = rank
+
+    chosen = []
+    for rank in range(6):  # one host: device rank % 4
+        chosen.append((parallel.use_device_of_rank(Rank(rank)), stand_in.cuda.Device.current))
+    assert chosen == [(0, 0), (1, 1), (2, 2), (3, 3), (0, 0), (1, 1)]
+    monkeypatch.setenv("MPI_LOCALRANKID", "2")  # rank 9, third on its host (MPICH's variable)
+    assert parallel.use_device_of_rank(Rank(9)) == 2 and stand_in.cuda.Device.current == 2

@@ -373,8 +373,24 @@ class _Runtime:
         return 1
 
 
+class _Device:
+    """``cupy.cuda.Device(n).use()``: records n as the current device (the stand-in has one)."""
+
+    current = 0
+
+    def __init__(self, device: int = 0):
+        self.id = device
+
+    def use(self) -> None:
+        count = cuda.runtime.getDeviceCount()
+        if not 0 <= self.id < count:
+            raise RuntimeError(f"cudaErrorInvalidDevice: device {self.id} of {count}")
+        _Device.current = self.id
+
+
 class cuda:  # noqa: N801 (CuPy's name)
     runtime = _Runtime()
+    Device = _Device
 
 
 __all__ = ["asarray", "asnumpy", "cuda", "get_array_module", "launch_count", "lib", "ndarray",
