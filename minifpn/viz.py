@@ -64,7 +64,7 @@ def plot_pyramid(traced: dict, mode: str = "absmean", sample: int = 0, title: st
     traced = {name: value for name, value in traced.items() if value is not None}
     levels = sorted({int(re.fullmatch(r"[A-Za-z]+(\d+)", name)[1]) for name in traced})
     first = 0 if image is None else 1  # the input takes the first column
-    boxes = to_numpy(boxes).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+    boxes = _host_boxes(boxes)
     made = fig is None
     if made:
         unit = (width - 0.7 * colorbar) / (len(STAGES) + 2 * first)  # inches per panel
@@ -133,6 +133,12 @@ def _draw_cells_of_boxes(ax, boxes, stride, color="lime"):
     ax.set_ylim(ylim)
 
 
+def _host_boxes(boxes) -> np.ndarray:
+    """Boxes (x1, y1, x2, y2) of any backend, or none, as a host (B, 4) array. To the host first:
+    np.asarray on a CuPy array is refused (and would copy it implicitly)."""
+    return to_numpy(boxes).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+
+
 def show_image_with_boxes(ax, image, boxes=(), labels=(), color="lime", scores=None,
                           draw_image=True):
     """Draw a (C, H, W) or (H, W) image with boxes (x1, y1, x2, y2) and their labels
@@ -144,8 +150,7 @@ def show_image_with_boxes(ax, image, boxes=(), labels=(), color="lime", scores=N
         if image.ndim == 3:
             image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
         ax.imshow(image, cmap="gray", interpolation="nearest")
-    # to the host first: np.asarray on a CuPy array is refused (and would copy it implicitly)
-    boxes = to_numpy(boxes).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+    boxes = _host_boxes(boxes)
     labels = to_numpy(labels).reshape(-1) if len(labels) else ()
     scores = None if scores is None else to_numpy(scores).reshape(-1)
     for i, (x1, y1, x2, y2) in enumerate(boxes):
@@ -380,7 +385,7 @@ def trace_location(detector, image, boxes, level: int, row: int, col: int, chann
     map by ``FPN.backward``; the cell's anchors, their IoU with the nearest digit, and the head's
     outputs at their rows. Overwrites the layers' caches (as ``predict`` does) and leaves the FPN's
     parameter gradients zeroed. Returns a ``LocationTrace`` (host arrays)."""
-    boxes = to_numpy(boxes).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+    boxes = _host_boxes(boxes)
     fpn = _fpn_of(detector, level)
     i = fpn.output_levels.index(level)
     with detector.evaluating(), _tracing(fpn):
@@ -423,8 +428,7 @@ def explore_location(detectors: dict, image, boxes, level: int, row: int, col: i
     traces = {name: trace_location(det, image, boxes, level, row, col, channel, name)
               for name, det in detectors.items()}
     labels = to_numpy(labels).reshape(-1) if len(labels) else ()
-    figure = _exploration_figure(traces, image, to_numpy(boxes).reshape(-1, 4) if len(boxes) else
-                                 np.zeros((0, 4)), labels)
+    figure = _exploration_figure(traces, image, _host_boxes(boxes), labels)
     return Exploration(level, row, col, traces, figure)
 
 

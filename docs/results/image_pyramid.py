@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
+import sys
 import time
-import tracemalloc
 from dataclasses import asdict, replace
 
 from threadpoolctl import threadpool_limits
@@ -114,21 +115,14 @@ def timings(models: dict, seed: int, n: int) -> dict:
     return times
 
 
-def peak_mb(model, images) -> float:
-    """Peak traced allocation in MB during one predict, above what was allocated before it."""
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    before, _ = tracemalloc.get_traced_memory()
-    model.predict(images)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return (peak - before) / 2 ** 20
-
-
 def memory(models: dict, seed: int, n: int) -> dict:
     """design -> the largest peak memory (MB) of predict over n test scenes, one at a time."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_memory import peak_mb  # the benchmarks' tracemalloc peak, measured as there
+
     scenes = DigitScenes("test", n=n, seed=seed)
-    return {name: max(peak_mb(model, scenes.batch([i])[0]) for i in range(n))
+    images = [scenes.batch([i])[0] for i in range(n)]  # drawn before, not traced
+    return {name: max(peak_mb(lambda x=x: model.predict(x)) for x in images)
             for name, model in models.items()}
 
 

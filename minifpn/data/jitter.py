@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import functional as F
-from ..detection.image_pyramid import check_scales, scaled_size
+from ..detection.image_pyramid import check_scales, resize_for_scale
 from ..functional.checks import check_nchw, integer
-from ..models.inputs import TOP_STRIDE, pad_images
+from ..models.inputs import TOP_STRIDE
 
 
 def _scaled_boxes(boxes, factor) -> np.ndarray:
@@ -28,10 +27,10 @@ def scale_jitter(images, boxes, scale: float, multiple: int = TOP_STRIDE):
     (x1, y1, x2, y2) in pixels; scale: a finite number > 0.
     Returns (images (N, C, OH', OW'), boxes: a list of N (G_n, 4) arrays, float32 or
     the boxes' own floating dtype):
-    the images are ``F.resize_bilinear`` to (OH, OW) = (round(H * scale), round(W * scale)), padded
-    with zeros at the bottom and right to multiples of ``multiple`` (32: what a detector needs;
-    1: no padding); each box's x becomes x * OW / W and its y, y * OH / H, the resize's own map of
-    pixel edges (exact where OW = 2 W or OW = W / 2). Labels do not change.
+    the images are ``resize_for_scale``'s: ``F.resize_bilinear`` to (OH, OW) = (round(H * scale),
+    round(W * scale)), padded with zeros at the bottom and right to multiples of ``multiple`` (32:
+    what a detector needs; 1: no padding); each box's x becomes x * OW / W and its y, y * OH / H,
+    the resize's own map of pixel edges (exact where OW = 2 W or OW = W / 2). Labels do not change.
     """
     (scale,) = check_scales((scale,))
     check_nchw(images, "scale_jitter", "images")
@@ -39,11 +38,9 @@ def scale_jitter(images, boxes, scale: float, multiple: int = TOP_STRIDE):
     N, _, H, W = images.shape
     if len(boxes) != N:
         raise ValueError(f"scale_jitter: expected one box array per image ({N}), got {len(boxes)}")
-    OH, OW = scaled_size(H, W, scale)
-    resized, _ = F.resize_bilinear(images, (OH, OW))
+    resized, (OH, OW) = resize_for_scale(images, scale, multiple)
     factor = np.array([OW / W, OH / H, OW / W, OH / H])
-    scaled = [_scaled_boxes(b, factor) for b in boxes]
-    return (resized if multiple == 1 else pad_images(resized, multiple)), scaled
+    return resized, [_scaled_boxes(b, factor) for b in boxes]
 
 
 __all__ = ["scale_jitter"]

@@ -17,14 +17,11 @@ Scale jitter for training, the pyramid's training-time twin, is ``minifpn.data.j
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 
 from .. import functional as F
-from ..functional.checks import check_nchw
-from ..models.inputs import pad_images
+from ..functional.checks import check_nchw, is_real
+from ..models.inputs import TOP_STRIDE, pad_images
 from ..models.settings import SETTINGS
 from .boxes import batched_nms, clip_boxes
 from .postprocess import MIN_BOX_SIZE
@@ -38,7 +35,7 @@ def check_scales(scales) -> tuple[float, ...]:
         raise ValueError(f"image pyramid: scales must be a non-empty list of positive numbers "
                          f"(e.g. (0.5, 1, 2)), got {scales!r}")
     for s in scales:
-        if not isinstance(s, numbers.Real) or isinstance(s, bool) or not (math.isfinite(s) and s > 0):
+        if not (is_real(s) and s > 0):
             raise ValueError(f"image pyramid: every scale must be a finite number > 0, got {s!r} "
                              f"in {tuple(scales)!r}")
     return tuple(float(s) for s in scales)
@@ -64,12 +61,13 @@ def scaled_size(H: int, W: int, scale: float) -> tuple[int, int]:
     return OH, OW
 
 
-def resize_for_scale(images, scale: float):
+def resize_for_scale(images, scale: float, multiple: int = TOP_STRIDE):
     """images (N, C, H, W) -> (resized and padded images (N, C, OH', OW') with OH' and OW' the
-    multiples of 32 at or above OH and OW, (OH, OW)); scale 1 gives a copy, padded."""
+    multiples of ``multiple`` (32: what a detector needs; 1: no padding) at or above OH and OW,
+    (OH, OW)); scale 1 gives a copy, padded."""
     OH, OW = scaled_size(images.shape[2], images.shape[3], scale)
     resized, _ = F.resize_bilinear(images, (OH, OW))
-    return pad_images(resized), (OH, OW)
+    return (resized if multiple == 1 else pad_images(resized, multiple)), (OH, OW)
 
 
 def boxes_to_original(boxes, scaled: tuple[int, int], original: tuple[int, int]) -> np.ndarray:
